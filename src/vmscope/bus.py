@@ -1,0 +1,140 @@
+"""Port-I/O and MMIO buses: map guest address ranges to devices.
+
+A bus owns no policy about KVM exits; the vCPU loop hands it (address, data) and it finds
+the device. Accesses that no device claims read as all-ones and are ignored on write, as
+on real hardware, and are counted per address because a guest probing absent hardware is
+a profiling signal. A device that raises or returns the wrong number of bytes is logged
+and counted; the guest sees all-ones and the VM keeps running.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from vmscope.devices.base import Device
+from vmscope.errors import BusConflictError
+
+log = logging.getLogger("vmscope.bus")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One device window on a bus."""
+
+    base: int
+    length: int
+    device: Device
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """Address ranges to devices, with a per-address lookup cache for the exit hot path."""
+
+    def __init__(self, name: str, address_limit: int) -> None:
+        self.name = name
+        self.address_limit = address_limit
+        self._mappings: list[Mapping] = []
+        self._bases: list[int] = []
+        # address -> (device, base); filled on first access so repeat exits cost one dict lookup
+        self._cache: dict[int, tuple[Device, int] | None] = {}
+        self.unclaimed_reads: Counter[int] = Counter()
+        self.unclaimed_writes: Counter[int] = Counter()
+        self.device_errors: Counter[str] = Counter()
+
+    # -- registration ---------------------------------------------------------------------
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        """Map ``device`` at [base, base+length); overlapping another window is an error."""
+        if length <= 0 or base < 0 or base + length > self.address_limit:
+            raise BusConflictError(
+                f"{self.name} window {base:#x}+{length:#x} for {device.name} is outside the bus"
+            )
+        index = bisect.bisect_right(self._bases, base)
+        for neighbour in self._mappings[max(0, index - 1) : index + 1]:
+            if base < neighbour.end and neighbour.base < base + length:
+                raise BusConflictError(
+                    f"{self.name} window {base:#x}-{base + length - 1:#x} for {device.name} overlaps "
+                    f"{neighbour.device.name} at {neighbour.base:#x}-{neighbour.end - 1:#x}"
+                )
+        self._mappings.insert(index, Mapping(base, length, device))
+        self._bases.insert(index, base)
+        self._cache.clear()
+
+    def unregister(self, device: Device) -> None:
+        keep = [m for m in self._mappings if m.device is not device]
+        self._mappings = keep
+        self._bases = [m.base for m in keep]
+        self._cache.clear()
+
+    @property
+    def mappings(self) -> tuple[Mapping, ...]:
+        return tuple(self._mappings)
+
+    def lookup(self, address: int) -> tuple[Device, int] | None:
+        """(device, window base) for ``address``, or None when nothing is mapped there."""
+        try:
+            return self._cache[address]
+        except KeyError:
+            pass
+        index = bisect.bisect_right(self._bases, address) - 1
+        found: tuple[Device, int] | None = None
+        if index >= 0:
+            mapping = self._mappings[index]
+            if address < mapping.end:
+                found = (mapping.device, mapping.base)
+        if len(self._cache) < 65536:  # a guest scanning addresses must not grow it without bound
+            self._cache[address] = found
+        return found
+
+    # -- access ---------------------------------------------------------------------------
+
+    def read(self, address: int, size: int) -> bytes:
+        target = self._cache.get(address) if address in self._cache else self.lookup(address)
+        if target is None:
+            self.unclaimed_reads[address] += 1
+            return b"\xff" * size
+        device, base = target
+        try:
+            data = device.read(address - base, size)
+        except Exception as error:  # a device bug must not take the VM down
+            self._device_failed(device, "read", address, error)
+            return b"\xff" * size
+        if len(data) != size:
+            self._device_failed(device, "read", address, ValueError(f"returned {len(data)} bytes, not {size}"))
+            return (bytes(data) + b"\xff" * size)[:size]
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        target = self._cache.get(address) if address in self._cache else self.lookup(address)
+        if target is None:
+            self.unclaimed_writes[address] += 1
+            return
+        device, base = target
+        try:
+            device.write(address - base, data)
+        except Exception as error:  # a device bug must not take the VM down
+            self._device_failed(device, "write", address, error)
+
+    def _device_failed(self, device: Device, access: str, address: int, error: Exception) -> None:
+        self.device_errors[device.name] += 1
+        log.error("device %s: %s at %s %#x failed: %s", device.name, access, self.name, address, error)
+
+
+class PioBus(Bus):
+    """The 64 KiB x86 I/O port space."""
+
+    def __init__(self) -> None:
+        super().__init__("port", 0x1_0000)
+
+
+class MmioBus(Bus):
+    """Guest-physical MMIO space (any address not backed by RAM)."""
+
+    def __init__(self) -> None:
+        super().__init__("mmio", 1 << 52)

@@ -1,0 +1,1 @@
+"""Device models: each implements read/write on offsets and knows nothing of KVM."""

@@ -1,0 +1,197 @@
+"""Guest RAM: the one object that owns the host mapping and checks every access.
+
+Everything that touches guest memory (loaders, devices, the profiler's stack unwinder)
+goes through :class:`GuestMemory`, so a guest-chosen address can never make the VMM read
+or write host memory outside the RAM it mapped. An access that is not wholly inside one
+region raises :class:`GuestMemoryError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from vmscope.errors import ConfigError, GuestMemoryError
+
+# x86 keeps 0xC0000000-0xFFFFFFFF for MMIO (PCI holes, LAPIC, IOAPIC); RAM above it
+# continues at 4 GiB, as on PCs and in QEMU's q35/microvm.
+MMIO_HOLE_START = 0xC000_0000
+HIGH_RAM_START = 0x1_0000_0000
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A contiguous range of guest-physical RAM backed by one host mapping."""
+
+    guest_base: int
+    size: int
+    mapping: mmap.mmap
+    host_address: int
+    slot: int
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_base + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.guest_base <= gpa and gpa + length <= self.guest_end
+
+
+def parse_size(text: str) -> int:
+    """Parse '256M', '1G', '65536', '4K' into bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if value and value[-1] in units:
+        scale = units[value[-1]]
+        value = value[:-1]
+    try:
+        number = int(value, 0)
+    except ValueError:
+        raise ConfigError(f"invalid size {text!r}: expected a number with an optional K, M or G suffix") from None
+    if number <= 0:
+        raise ConfigError(f"invalid size {text!r}: must be positive")
+    return number * scale
+
+
+class GuestMemory:
+    """Guest-physical RAM split around the x86 MMIO hole, with bounds-checked access."""
+
+    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
+        """Map anonymous host memory for each (guest_base, size) pair."""
+        self._regions: list[MemoryRegion] = []
+        for slot, (base, size) in enumerate(sorted(regions)):
+            if size <= 0 or size % mmap.PAGESIZE or base % mmap.PAGESIZE:
+                raise ConfigError(f"memory region {base:#x}+{size:#x} is not page aligned")
+            if self._regions and base < self._regions[-1].guest_end:
+                raise ConfigError(f"memory region {base:#x}+{size:#x} overlaps another")
+            mapping = mmap.mmap(
+                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            )
+            host_address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+            self._regions.append(MemoryRegion(base, size, mapping, host_address, slot))
+        if not self._regions:
+            raise ConfigError("guest memory needs at least one region")
+        # The common case is a single low region; keep a direct reference for speed.
+        self._low = self._regions[0]
+
+    @classmethod
+    def for_size(cls, size: int) -> GuestMemory:
+        """Lay out ``size`` bytes of RAM the way a PC does: below the hole, rest above 4 GiB."""
+        if size < 1 << 20:
+            raise ConfigError(f"guest memory of {size} bytes is too small: give at least 1M")
+        size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        low = min(size, MMIO_HOLE_START)
+        regions = [(0, low)]
+        if size > low:
+            regions.append((HIGH_RAM_START, size - low))
+        return cls(regions)
+
+    # -- layout -------------------------------------------------------------------------
+
+    @property
+    def regions(self) -> Sequence[MemoryRegion]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total RAM in bytes."""
+        return sum(r.size for r in self._regions)
+
+    @property
+    def low_size(self) -> int:
+        """RAM below the 32-bit MMIO hole, in bytes."""
+        return self._low.size
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """(guest_base, size) for each RAM region, in address order."""
+        for region in self._regions:
+            yield region.guest_base, region.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return any(r.contains(gpa, length) for r in self._regions)
+
+    def _locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
+        low = self._low
+        if low.guest_base <= gpa and gpa + length <= low.guest_end and length >= 0:
+            return low, gpa - low.guest_base
+        for region in self._regions:
+            if region.contains(gpa, length) and length >= 0:
+                return region, gpa - region.guest_base
+        raise GuestMemoryError(
+            f"guest-physical access {gpa:#x}+{length:#x} is outside guest RAM", address=gpa
+        )
+
+    # -- access -------------------------------------------------------------------------
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable zero-copy view of guest RAM; the range must lie inside one region."""
+        region, offset = self._locate(gpa, length)
+        return memoryview(region.mapping)[offset : offset + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, offset = self._locate(gpa, length)
+        return region.mapping[offset : offset + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        region, offset = self._locate(gpa, len(data))
+        region.mapping[offset : offset + len(data)] = bytes(data) if isinstance(data, memoryview) else data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        region, offset = self._locate(gpa, length)
+        region.mapping[offset : offset + length] = bytes([byte]) * length
+
+    def read_u8(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 1)
+        return region.mapping[offset]
+
+    def read_u16(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 2)
+        return int(_U16.unpack_from(region.mapping, offset)[0])
+
+    def read_u32(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 4)
+        return int(_U32.unpack_from(region.mapping, offset)[0])
+
+    def read_u64(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 8)
+        return int(_U64.unpack_from(region.mapping, offset)[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        region, offset = self._locate(gpa, 1)
+        region.mapping[offset] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        region, offset = self._locate(gpa, 2)
+        _U16.pack_into(region.mapping, offset, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        region, offset = self._locate(gpa, 4)
+        _U32.pack_into(region.mapping, offset, value & 0xFFFF_FFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        region, offset = self._locate(gpa, 8)
+        _U64.pack_into(region.mapping, offset, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def read_cstring(self, gpa: int, max_length: int = 4096) -> bytes:
+        """Read a NUL-terminated string, stopping at max_length or the end of the region."""
+        region, offset = self._locate(gpa, 1)
+        end = min(region.size, offset + max_length)
+        chunk = region.mapping[offset:end]
+        nul = chunk.find(b"\0")
+        return chunk if nul < 0 else chunk[:nul]
+
+    def close(self) -> None:
+        for region in self._regions:
+            try:
+                region.mapping.close()
+            except BufferError:
+                # ctypes still references the buffer (memslot address); the mapping goes with the process.
+                pass
