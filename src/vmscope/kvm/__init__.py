@@ -1,1 +1,9 @@
-"""vmscope.kvm."""
+"""Thin typed KVM bindings: Kvm (system) -> Vm -> Vcpu. The only code that issues ioctls."""
+
+from vmscope.kvm.constants import Cap, ExitReason
+from vmscope.kvm.stats import BinaryStats
+from vmscope.kvm.system import Kvm, detect_backend
+from vmscope.kvm.vcpu import Vcpu
+from vmscope.kvm.vm import Vm
+
+__all__ = ["BinaryStats", "Cap", "ExitReason", "Kvm", "Vcpu", "Vm", "detect_backend"]

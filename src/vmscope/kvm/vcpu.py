@@ -1,0 +1,211 @@
+"""A KVM virtual CPU: the kvm_run shared page, KVM_RUN, and register access.
+
+On this project's reference hosts every vCPU ioctl costs microseconds, so the exit loop
+reads registers from the kvm_run page through KVM_CAP_SYNC_REGS instead of KVM_GET_REGS;
+the ioctl accessors here are for setup and for a paused VM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import mmap
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from vmscope.arch.x86.cpu_state import CpuEntryState, DescriptorTable, Segment
+from vmscope.kvm import constants as c
+from vmscope.kvm import structs as s
+from vmscope.kvm._ioctl import ioctl
+
+if TYPE_CHECKING:
+    from vmscope.kvm.vm import Vm
+
+
+def _to_kvm_segment(segment: Segment) -> s.kvm_segment:
+    return s.kvm_segment(
+        base=segment.base,
+        limit=segment.limit,
+        selector=segment.selector,
+        type=segment.type,
+        present=segment.present,
+        dpl=segment.dpl,
+        db=segment.db,
+        s=segment.s,
+        l=segment.l,
+        g=segment.g,
+        avl=segment.avl,
+        unusable=segment.unusable,
+    )
+
+
+def _to_kvm_dtable(table: DescriptorTable) -> s.kvm_dtable:
+    return s.kvm_dtable(base=table.base, limit=table.limit)
+
+
+class Vcpu:
+    """One vCPU file descriptor with its mmap'd kvm_run structure."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = fd
+        #: the shared kvm_run page(s); the exit loop unpacks fields from it directly
+        self.run_buffer = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        #: a typed view of the same memory, for the less hot paths
+        self.run_struct = s.kvm_run.from_buffer(self.run_buffer)
+        #: KVM_RUN as a ready-made C-level callable: the exit loop calls it with no Python frame
+        #: in between; it returns 0 or raises OSError (InterruptedError when a signal kicked it)
+        self.kvm_run: Callable[[], int] = functools.partial(fcntl.ioctl, fd, c.KVM_RUN, 0)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """KVM_RUN once; returns the exit reason (raises InterruptedError on a signal kick)."""
+        self.kvm_run()
+        return int(self.run_struct.exit_reason)
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self.run_struct.immediate_exit = int(value)
+
+    def enable_sync_regs(self, mask: int = c.SYNC_X86_REGS | c.SYNC_X86_SREGS) -> None:
+        """Ask KVM to copy these register sets into kvm_run on every exit."""
+        self.run_struct.kvm_valid_regs = mask
+
+    @property
+    def synced_regs(self) -> s.kvm_regs:
+        """General registers as of the last exit (needs enable_sync_regs)."""
+        return self.run_struct.s.regs.regs
+
+    @property
+    def synced_sregs(self) -> s.kvm_sregs:
+        """Special registers as of the last exit (needs enable_sync_regs with SREGS)."""
+        return self.run_struct.s.regs.sregs
+
+    def mark_synced_regs_dirty(self, mask: int = c.SYNC_X86_REGS) -> None:
+        """Have the next KVM_RUN load the register sets edited in synced_regs/synced_sregs."""
+        self.run_struct.kvm_dirty_regs |= mask
+
+    # -- registers (ioctls: setup and paused-VM paths) ------------------------------------
+
+    def get_regs(self) -> s.kvm_regs:
+        regs = s.kvm_regs()
+        ioctl(self.fd, c.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: s.kvm_regs) -> None:
+        ioctl(self.fd, c.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> s.kvm_sregs:
+        sregs = s.kvm_sregs()
+        ioctl(self.fd, c.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: s.kvm_sregs) -> None:
+        ioctl(self.fd, c.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> s.kvm_fpu:
+        fpu = s.kvm_fpu()
+        ioctl(self.fd, c.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: s.kvm_fpu) -> None:
+        ioctl(self.fd, c.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def get_vcpu_events(self) -> s.kvm_vcpu_events:
+        events = s.kvm_vcpu_events()
+        ioctl(self.fd, c.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_entry_state(self, state: CpuEntryState) -> None:
+        """Load a loader-produced boot state: segments, control registers, rip, rflags, gprs."""
+        sregs = self.get_sregs()  # keeps apic_base and the interrupt bitmap as KVM set them
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            setattr(sregs, name, _to_kvm_segment(getattr(state, name)))
+        sregs.gdt = _to_kvm_dtable(state.gdt)
+        sregs.idt = _to_kvm_dtable(state.idt)
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
+        self.set_sregs(sregs)
+        regs = s.kvm_regs()
+        for name, value in state.gprs.items():
+            setattr(regs, name, value)
+        regs.rip = state.rip
+        regs.rflags = state.rflags
+        self.set_regs(regs)
+        # Initialise x87/SSE control words as a reset CPU does; a zero MXCSR masks nothing.
+        fpu = s.kvm_fpu()
+        fpu.fcw = 0x37F
+        fpu.mxcsr = 0x1F80
+        self.set_fpu(fpu)
+
+    # -- CPU model ------------------------------------------------------------------------
+
+    def set_cpuid(self, entries: Sequence[s.kvm_cpuid_entry2]) -> None:
+        table = s.cpuid2_with_entries(len(entries))()
+        table.nent = len(entries)
+        for index, entry in enumerate(entries):
+            table.entries[index] = entry
+        ioctl(self.fd, c.KVM_SET_CPUID2, table, "KVM_SET_CPUID2")
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        wanted = list(indices)
+        table = s.msrs_with_entries(len(wanted))()
+        table.nmsrs = len(wanted)
+        for slot, index in enumerate(wanted):
+            table.entries[slot].index = index
+        read = ioctl(self.fd, c.KVM_GET_MSRS, table, "KVM_GET_MSRS")
+        return {table.entries[i].index: table.entries[i].data for i in range(read)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        table = s.msrs_with_entries(len(values))()
+        table.nmsrs = len(values)
+        for slot, (index, data) in enumerate(values.items()):
+            table.entries[slot].index = index
+            table.entries[slot].data = data
+        written = ioctl(self.fd, c.KVM_SET_MSRS, table, "KVM_SET_MSRS")
+        if written != len(values):
+            bad = list(values)[written]
+            from vmscope.errors import KvmError
+
+            raise KvmError(f"KVM_SET_MSRS rejected MSR {bad:#x}")
+
+    def get_mp_state(self) -> int:
+        state = s.kvm_mp_state()
+        ioctl(self.fd, c.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return int(state.mp_state)
+
+    def set_mp_state(self, value: int) -> None:
+        ioctl(self.fd, c.KVM_SET_MP_STATE, s.kvm_mp_state(value), "KVM_SET_MP_STATE")
+
+    def get_lapic(self) -> bytes:
+        state = s.kvm_lapic_state()
+        ioctl(self.fd, c.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state))
+
+    def set_lapic(self, registers: bytes) -> None:
+        state = s.kvm_lapic_state()
+        ctypes.memmove(ctypes.addressof(state), registers, min(len(registers), 1024))
+        ioctl(self.fd, c.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    # -- debugging ------------------------------------------------------------------------
+
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        request = s.kvm_guest_debug(control=control)
+        for index, value in enumerate(debugreg):
+            request.debugreg[index] = value
+        ioctl(self.fd, c.KVM_SET_GUEST_DEBUG, request, "KVM_SET_GUEST_DEBUG")
+
+    def stats_fd(self) -> int:
+        return ioctl(self.fd, c.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.run_struct
+            try:
+                self.run_buffer.close()
+            except BufferError:
+                pass
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,79 @@
+"""The ctypes mirrors and ioctl numbers match the system's linux/kvm.h (compiled C program)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmscope.kvm import constants as c
+from vmscope.kvm import structs as s
+
+STRUCTS = {
+    "kvm_regs": s.kvm_regs,
+    "kvm_sregs": s.kvm_sregs,
+    "kvm_segment": s.kvm_segment,
+    "kvm_vcpu_events": s.kvm_vcpu_events,
+    "kvm_sync_regs": s.kvm_sync_regs,
+    "kvm_run": s.kvm_run,
+    "kvm_userspace_memory_region": s.kvm_userspace_memory_region,
+    "kvm_cpuid_entry2": s.kvm_cpuid_entry2,
+    "kvm_fpu": s.kvm_fpu,
+    "kvm_irqfd": s.kvm_irqfd,
+    "kvm_ioeventfd": s.kvm_ioeventfd,
+    "kvm_msi": s.kvm_msi,
+    "kvm_enable_cap": s.kvm_enable_cap,
+    "kvm_guest_debug": s.kvm_guest_debug,
+    "kvm_irq_routing_entry": s.kvm_irq_routing_entry,
+    "kvm_stats_header": s.kvm_stats_header,
+    "kvm_stats_desc": s.kvm_stats_desc,
+}
+OFFSETS = {
+    ("kvm_run", "exit_reason"): s.kvm_run.exit_reason.offset,
+    ("kvm_run", "io"): s.kvm_run.exit.offset,
+    ("kvm_run", "kvm_valid_regs"): s.kvm_run.kvm_valid_regs.offset,
+    ("kvm_run", "kvm_dirty_regs"): s.kvm_run.kvm_dirty_regs.offset,
+    ("kvm_run", "s"): s.kvm_run.s.offset,
+    ("kvm_sregs", "efer"): s.kvm_sregs.efer.offset,
+    ("kvm_sregs", "interrupt_bitmap"): s.kvm_sregs.interrupt_bitmap.offset,
+    ("kvm_vcpu_events", "exception_payload"): s.kvm_vcpu_events.exception_payload.offset,
+    ("kvm_sync_regs", "events"): s.kvm_sync_regs.events.offset,
+}
+IOCTLS = [name for name in dir(c) if name.startswith("KVM_") and name not in ("KVM_API_VERSION",)]
+
+
+@pytest.fixture(scope="module")
+def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    if shutil.which("cc") is None or not Path("/usr/include/linux/kvm.h").exists():
+        pytest.skip("needs a C compiler and linux/kvm.h (Debian: apt-get install gcc linux-libc-dev)")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for name in STRUCTS:
+        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
+    for (struct, field), _ in OFFSETS.items():
+        lines.append(f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
+    for name in IOCTLS:
+        lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
+    lines.append("return 0; }")
+    work = tmp_path_factory.mktemp("abi")
+    (work / "abi.c").write_text("\n".join(lines))
+    subprocess.run(["cc", "-o", str(work / "abi"), str(work / "abi.c")], check=True)
+    out = subprocess.run([str(work / "abi")], check=True, capture_output=True, text=True).stdout
+    return {" ".join(line.split()[:2]): int(line.split()[2]) for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTS))
+def test_struct_sizes_match_headers(header_values: dict[str, int], name: str) -> None:
+    assert ctypes.sizeof(STRUCTS[name]) == header_values[f"sizeof {name}"]
+
+
+@pytest.mark.parametrize("key", sorted(OFFSETS))
+def test_field_offsets_match_headers(header_values: dict[str, int], key: tuple[str, str]) -> None:
+    assert OFFSETS[key] == header_values[f"offsetof {key[0]}.{key[1]}"]
+
+
+@pytest.mark.parametrize("name", sorted(IOCTLS))
+def test_ioctl_numbers_match_headers(header_values: dict[str, int], name: str) -> None:
+    assert getattr(c, name) == header_values[f"ioctl {name}"], name
