@@ -1,0 +1,403 @@
+"""A virtual machine: KVM objects, guest RAM, buses, platform devices and vCPU threads.
+
+``Machine`` is both what the CLI drives and the public Python API::
+
+    vm = Machine(mem="256M", cpus=2)
+    vm.load("guest.elf", cmdline="console=ttyS0")
+    result = vm.run()          # or vm.start(); ...; vm.wait()
+    print(result.exit_status)
+
+Stop, pause and resume work from any thread. The first stop request wins and decides the
+exit status: a debug-exit write gives (value << 1) | 1, a clean power-off or reset 0, a crash
+1 (with a :class:`CrashReport`), a signal 128 + its number.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmscope.arch.x86 import cpuid as cpuid_policy
+from vmscope.arch.x86.cpu_state import CpuMode
+from vmscope.bus import MmioBus, PioBus
+from vmscope.devices.base import Device, InterruptLine
+from vmscope.errors import ConfigError, KvmError
+from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu
+from vmscope.kvm import structs as s
+from vmscope.loader import GuestKind, LoadedGuest, load_guest
+from vmscope.memory.guest_memory import GuestMemory, parse_size
+from vmscope.vmm.crash import CrashReport, build_crash_report
+from vmscope.vmm.interrupts import KvmIrqLine
+from vmscope.vmm.runner import VcpuRunner, install_kick_handler
+
+log = logging.getLogger("vmscope.machine")
+
+REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.IRQCHIP, Cap.PIT2, Cap.IMMEDIATE_EXIT, Cap.SET_TSS_ADDR, Cap.MP_STATE)
+
+
+@dataclass
+class RunResult:
+    """How a run ended."""
+
+    exit_status: int
+    reason: str
+    crash: CrashReport | None = None
+    duration_s: float = 0.0
+
+
+@dataclass
+class _StopState:
+    reason: str
+    exit_status: int
+    crash: CrashReport | None = None
+
+
+@dataclass
+class DeviceMapping:
+    """A device registered on a bus, as listed by :meth:`Machine.devices`."""
+
+    bus: str
+    base: int
+    length: int
+    device: Device
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _to_policy_entries(entries: Sequence[s.kvm_cpuid_entry2]) -> list[cpuid_policy.CpuidEntry]:
+    return [
+        cpuid_policy.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries
+    ]
+
+
+def _to_kvm_entries(entries: Sequence[cpuid_policy.CpuidEntry]) -> list[s.kvm_cpuid_entry2]:
+    return [
+        s.kvm_cpuid_entry2(
+            function=e.function, index=e.index, flags=e.flags, eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx
+        )
+        for e in entries
+    ]
+
+
+class Machine:
+    """One VM with its vCPU threads. Create it, add devices, load a guest, run it."""
+
+    def __init__(
+        self,
+        mem: int | str = "256M",
+        cpus: int = 1,
+        *,
+        cpu_features: str = "",
+        kvm_device: str = "/dev/kvm",
+    ) -> None:
+        size = parse_size(mem) if isinstance(mem, str) else int(mem)
+        self.kvm = Kvm(kvm_device)
+        self.kvm.require(*REQUIRED_CAPS)
+        max_cpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS)
+        if not 1 <= cpus <= max_cpus:
+            raise ConfigError(f"--cpus {cpus} is out of range: this host allows 1 to {max_cpus} vCPUs")
+        self.cpu_count = cpus
+        self.cpu_policy = cpuid_policy.parse_feature_policy(cpu_features)
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_address()
+        self.vm.set_identity_map_address()
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.memory = GuestMemory.for_size(size)
+        for region in self.memory.regions:
+            self.vm.set_user_memory_region(region.slot, region.guest_base, region.size, region.host_address)
+
+        self.pio_bus = PioBus()
+        self.mmio_bus = MmioBus()
+        self._irq_lines: dict[int, KvmIrqLine] = {}
+        self._device_mappings: list[DeviceMapping] = []
+
+        supported = _to_policy_entries(self.kvm.supported_cpuid())
+        self.runners: list[VcpuRunner] = []
+        for vcpu_id in range(cpus):
+            vcpu = self.vm.create_vcpu(vcpu_id)
+            entries = cpuid_policy.apply_policy(supported, self.cpu_policy, vcpu_id, cpus)
+            vcpu.set_cpuid(_to_kvm_entries(entries))
+            self.runners.append(VcpuRunner(self, vcpu))
+
+        self.guest: LoadedGuest | None = None
+        #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
+        self.symbolize: Callable[[int], str | None] | None = None
+        #: handles KVM_EXIT_DEBUG (the GDB stub installs one); returns False to stop the vCPU
+        self.debug_exit_handler: Callable[[VcpuRunner], bool] | None = None
+
+        self._stop: _StopState | None = None
+        self._stop_lock = threading.Lock()
+        self._all_exited = threading.Event()
+        self._exited_count = 0
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
+        self._stats_fds: dict[str, BinaryStats] = {}
+        self._closed = False
+
+    # -- devices ----------------------------------------------------------------------------
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        return [runner.vcpu for runner in self.runners]
+
+    def interrupt_line(self, gsi: int) -> InterruptLine:
+        """The interrupt input ``gsi`` (ISA IRQs 0-15 reach both the PIC and the IOAPIC)."""
+        if not 0 <= gsi < 24:
+            raise ConfigError(f"GSI {gsi} is out of range: the IOAPIC has pins 0-23")
+        line = self._irq_lines.get(gsi)
+        if line is None:
+            line = self._irq_lines[gsi] = KvmIrqLine(self.vm, gsi)
+        return line
+
+    def add_pio_device(self, base: int, length: int, device: Device) -> None:
+        """Map ``device`` at I/O ports [base, base+length)."""
+        self.pio_bus.register(base, length, device)
+        self._device_mappings.append(DeviceMapping("pio", base, length, device))
+
+    def add_mmio_device(self, base: int, length: int, device: Device) -> None:
+        """Map ``device`` at guest-physical [base, base+length); it must not overlap RAM."""
+        for ram_base, ram_size in self.memory.ranges():
+            if base < ram_base + ram_size and ram_base < base + length:
+                raise ConfigError(
+                    f"MMIO window {base:#x}+{length:#x} for {device.name} overlaps guest RAM "
+                    f"{ram_base:#x}-{ram_base + ram_size - 1:#x}"
+                )
+        self.mmio_bus.register(base, length, device)
+        self._device_mappings.append(DeviceMapping("mmio", base, length, device))
+
+    def devices(self) -> list[DeviceMapping]:
+        return list(self._device_mappings)
+
+    def device_name_at(self, bus: str, address: int) -> str | None:
+        """Name of the device claiming ``address`` on ``bus`` ("pio" or "mmio"), for reports."""
+        found = (self.pio_bus if bus == "pio" else self.mmio_bus).lookup(address)
+        return found[0].name if found else None
+
+    # -- guest ------------------------------------------------------------------------------
+
+    def load(
+        self,
+        path: str | Path,
+        *,
+        kind: GuestKind = "auto",
+        cmdline: str = "",
+        modules: Sequence[Path] = (),
+        flat_address: int | None = None,
+        flat_mode: CpuMode | None = None,
+        flat_entry: int | None = None,
+    ) -> LoadedGuest:
+        """Load a guest image and point the boot vCPU at its entry."""
+        guest = load_guest(
+            self.memory,
+            Path(path),
+            kind=kind,
+            cmdline=cmdline,
+            modules=modules,
+            flat_address=flat_address,
+            flat_mode=flat_mode,
+            flat_entry=flat_entry,
+        )
+        self.boot_from(guest)
+        return guest
+
+    def boot_from(self, guest: LoadedGuest) -> None:
+        """Set the boot vCPU to a loaded guest's entry state (for loaders used directly)."""
+        self.runners[0].vcpu.set_entry_state(guest.entry)
+        self.guest = guest
+        if guest.symbol_file is not None and self.symbolize is None:
+            self.symbolize = _elf_symbolizer(guest.symbol_file)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every vCPU thread and return at once."""
+        if self._started_at is not None:
+            raise ConfigError("this machine was already started; create a new Machine to run again")
+        if self.guest is None:
+            raise ConfigError("no guest loaded: call load() before start()")
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+        elif signal.getsignal(signal.SIGRTMIN + 1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise ConfigError(
+                "start the first Machine from the main thread, or call "
+                "vmscope.vmm.runner.install_kick_handler() there first (vCPU kicks need a signal handler)"
+            )
+        self._started_at = time.monotonic()
+        for runner in self.runners:
+            runner.start()
+
+    def wait(self, timeout: float | None = None) -> RunResult | None:
+        """Wait for the run to end; None if ``timeout`` seconds passed first."""
+        if not self._all_exited.wait(timeout):
+            return None
+        return self.result()
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended."""
+        previous_term = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            previous_term = signal.signal(
+                signal.SIGTERM, lambda signum, frame: self.request_stop("stopped by SIGTERM", 128 + signum)
+            )
+        try:
+            self.start()
+            try:
+                if self.wait(timeout) is None:
+                    self.request_stop(f"stopped after the {timeout:g} s time limit", 124)
+                    self.wait()
+            except KeyboardInterrupt:
+                self.request_stop("stopped by Ctrl-C (SIGINT)", 128 + signal.SIGINT)
+                self.wait()
+        finally:
+            if in_main and previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
+        return self.result()
+
+    def result(self) -> RunResult:
+        stop = self._stop or _StopState("still running", -1)
+        end = self._finished_at or time.monotonic()
+        duration = end - self._started_at if self._started_at is not None else 0.0
+        return RunResult(stop.exit_status, stop.reason, stop.crash, duration)
+
+    @property
+    def running(self) -> bool:
+        return self._started_at is not None and not self._all_exited.is_set()
+
+    def request_stop(self, reason: str, exit_status: int) -> None:
+        """Stop every vCPU; the first request decides the exit status (MachineControl)."""
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = _StopState(reason, exit_status)
+                log.info("stopping: %s (exit status %d)", reason, exit_status)
+        for runner in self.runners:
+            runner.request_stop()
+
+    def stop(self) -> RunResult:
+        """Stop the VM from any thread and wait for the vCPU threads to finish."""
+        self.request_stop("stopped by the host", 0)
+        if self._started_at is not None:
+            self._all_exited.wait()
+        return self.result()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Hold every vCPU outside KVM_RUN (registers can then be read and written)."""
+        for runner in self.runners:
+            runner.request_pause()
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            while not (runner.paused.is_set() or runner.exited.is_set() or runner.thread is None):
+                if time.monotonic() > deadline:
+                    raise KvmError(f"vCPU {runner.vcpu.id} did not pause within {timeout} s")
+                runner.paused.wait(0.01)
+
+    def resume(self) -> None:
+        for runner in self.runners:
+            runner.resume()
+
+    def report_crash(self, runner: VcpuRunner, reason: str, *, internal_error: bool = False) -> None:
+        """Called on the crashing vCPU's thread: capture its state, then stop with status 1."""
+        vcpu = runner.vcpu
+        emulation_data: list[int] | None = None
+        if internal_error:
+            internal = vcpu.run_struct.exit.internal
+            emulation_data = [int(internal.data[i]) for i in range(min(internal.ndata, 16))]
+            if internal.suberror != 1:
+                emulation_data = None
+        try:
+            report = build_crash_report(
+                vcpu.id,
+                reason,
+                vcpu.get_regs(),
+                vcpu.get_sregs(),
+                self.memory,
+                emulation_data=emulation_data,
+                symbolize=self.symbolize,
+                backend=self.kvm.backend,
+            )
+        except KvmError as error:
+            report = CrashReport(vcpu.id, f"{reason} (registers unavailable: {error})")
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = _StopState(f"guest crashed: {reason}", 1, report)
+        self.request_stop(reason, 1)
+
+    def on_vcpu_exited(self, runner: VcpuRunner) -> None:
+        with self._stop_lock:
+            self._exited_count += 1
+            if self._stop is None:
+                self._stop = _StopState(f"vCPU {runner.vcpu.id} stopped", 1)
+            done = self._exited_count == len(self.runners)
+        if done:
+            self._finished_at = time.monotonic()
+            self._all_exited.set()
+        else:
+            # one vCPU ending ends the VM: the others would otherwise run on unobserved
+            self.request_stop(self._stop.reason if self._stop else "vCPU stopped", self._stop.exit_status if self._stop else 1)
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def kvm_stats(self) -> dict[str, dict[str, int | list[int]]]:
+        """KVM's own binary statistics for the VM ("vm") and each vCPU ("vcpuN")."""
+        if not self.kvm.check_extension(Cap.BINARY_STATS_FD):
+            return {}
+        if not self._stats_fds:
+            self._stats_fds["vm"] = BinaryStats(self.vm.stats_fd())
+            for runner in self.runners:
+                self._stats_fds[f"vcpu{runner.vcpu.id}"] = BinaryStats(runner.vcpu.stats_fd())
+        return {name: stats.read() for name, stats in self._stats_fds.items()}
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release devices, vCPUs, the VM and guest memory. The machine cannot run again."""
+        if self._closed:
+            return
+        if self.running:
+            self.stop()
+        self._closed = True
+        for mapping in self._device_mappings:
+            try:
+                mapping.device.close()
+            except Exception:  # closing one device must not leak the others
+                log.exception("closing device %s failed", mapping.device.name)
+        for stats in self._stats_fds.values():
+            stats.close()
+        for runner in self.runners:
+            runner.vcpu.close()
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
+    """'function+0xoffset' lookups from an ELF symbol table, or None when it has none."""
+    try:
+        from vmscope.profiler.symbols import Symbolizer
+    except ImportError:  # the profiler package is optional for running guests
+        return None
+    try:
+        symbolizer = Symbolizer.from_elf(path)
+    except Exception as error:  # missing symbols must never stop a run
+        log.debug("no symbols from %s: %s", path, error)
+        return None
+
+    def lookup(address: int) -> str | None:
+        symbol = symbolizer.lookup(address)
+        if symbol is None:
+            return None
+        return f"{symbol.name}+{symbol.offset:#x}"
+
+    return lookup
