@@ -1,0 +1,6 @@
+"""python -m vmscope"""
+import sys
+
+from vmscope.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""The ``vmscope`` command: one subcommand per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vmscope import __version__
+from vmscope.errors import VmscopeError
+
+DESCRIPTION = """\
+vmscope boots guests on Linux KVM and shows where every cycle of the virtual machine goes.
+
+examples:
+  vmscope run                                  boot the bundled demo guest
+  vmscope run --elf guest.elf --cmdline 'n=5'  boot a PVH or plain ELF guest
+  vmscope run --kernel bzImage --initrd initrd.img --cmdline console=ttyS0
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vmscope.cli import run
+
+    parser = argparse.ArgumentParser(
+        prog="vmscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"vmscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (run,):
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s")
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        status: int = args.func(args)
+        return status
+    except VmscopeError as error:
+        print(f"vmscope: {error}", file=sys.stderr)
+        return error.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``vmscope run``: boot a guest and run it to completion."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vmscope.arch.x86.cpu_state import CpuMode
+from vmscope.errors import ConfigError
+from vmscope.vmm.machine import Machine, RunResult
+from vmscope.vmm.platform import install_platform_devices
+
+EPILOG = """\
+exit status: the guest's debug-exit status ((value << 1) | 1), 0 on a clean power-off or
+reset, 1 when the guest crashed (triple fault, KVM internal error), 2 for usage or input errors.
+
+examples:
+  vmscope run                                    boot the bundled demo guest
+  vmscope run --elf guest.elf --cmdline 'n=5'    a PVH or plain ELF guest
+  vmscope run --flat boot.bin --mode real --load-address 0x7c00
+  vmscope run --kernel vmlinux --mem 512M --cpus 2 --serial file:/tmp/console.log
+"""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x for hex)") from None
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that boots a guest (run, stat, record)."""
+    image = parser.add_argument_group("guest image (default: the bundled demo guest)")
+    choice = image.add_mutually_exclusive_group()
+    choice.add_argument("--kernel", type=Path, metavar="FILE", help="Linux bzImage, PVH vmlinux or any ELF kernel")
+    choice.add_argument("--elf", type=Path, metavar="FILE", help="an ELF guest (PVH note -> PVH boot)")
+    choice.add_argument("--flat", type=Path, metavar="FILE", help="a flat binary (needs --mode, --load-address)")
+    image.add_argument("--mode", choices=[m.value for m in CpuMode], help="entry mode of a flat binary")
+    image.add_argument("--load-address", type=_int, metavar="ADDR", help="where a flat binary is loaded")
+    image.add_argument("--entry", type=_int, metavar="ADDR", help="entry of a flat binary (default: load address)")
+    image.add_argument("--initrd", type=Path, metavar="FILE", help="initial ramdisk (Linux) / PVH module")
+    image.add_argument("--cmdline", default="", metavar="TEXT", help="guest kernel command line")
+    machine = parser.add_argument_group("machine")
+    machine.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)")
+    machine.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    machine.add_argument(
+        "--cpu-features", default="", metavar="LIST", help="CPUID policy, e.g. -cx16,-xsave hides those features"
+    )
+    machine.add_argument(
+        "--serial", default="stdio", metavar="SPEC", help="COM1 backend: stdio, none, file:PATH or unix:PATH"
+    )
+    machine.add_argument(
+        "--debug-exit-port", type=_int, default=0xF4, metavar="PORT", help="isa-debug-exit port (default 0xf4)"
+    )
+    machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+
+
+def build_machine(args: argparse.Namespace) -> Machine:
+    """A Machine with the platform devices and the requested guest loaded."""
+    if args.flat is None and (args.mode or args.load_address is not None or args.entry is not None):
+        raise ConfigError("--mode, --load-address and --entry apply to --flat images only")
+    if args.flat is not None and (args.mode is None or args.load_address is None):
+        raise ConfigError("--flat needs --mode (real, protected or long) and --load-address")
+    machine = Machine(mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features)
+    try:
+        install_platform_devices(machine, serial=args.serial, debug_exit_port=args.debug_exit_port)
+        modules = [args.initrd] if args.initrd is not None else []
+        if args.flat is not None:
+            if modules or args.cmdline:
+                raise ConfigError("a flat binary takes no --cmdline or --initrd")
+            machine.load(
+                args.flat,
+                kind="flat",
+                flat_address=args.load_address,
+                flat_mode=CpuMode(args.mode),
+                flat_entry=args.entry,
+            )
+        else:
+            image = args.kernel or args.elf
+            if image is None:
+                from vmscope.guest.build import demo_guest
+
+                image = demo_guest()
+            machine.load(image, kind="elf", cmdline=args.cmdline, modules=modules)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def report_result(result: RunResult, quiet: bool = False) -> None:
+    if result.crash is not None:
+        print(result.crash.format(), file=sys.stderr)
+    elif not quiet:
+        suffix = "" if "exit status" in result.reason else f" (exit status {result.exit_status})"
+        print(f"vmscope: {result.reason}{suffix}", file=sys.stderr)
+
+
+def handle(args: argparse.Namespace) -> int:
+    machine = build_machine(args)
+    try:
+        result = machine.run(timeout=args.timeout)
+    finally:
+        machine.close()
+    report_result(result, args.quiet)
+    return result.exit_status
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="boot a guest and run it until it exits",
+        description="Boot a guest on KVM and run it until it exits, crashes or is stopped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_machine_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no summary line when the guest exits")
+    parser.set_defaults(func=handle)
