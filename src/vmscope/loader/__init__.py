@@ -1,1 +1,83 @@
-"""vmscope.loader."""
+"""Guest image loaders: each fills guest memory and returns a :class:`LoadedGuest`.
+
+:func:`load_guest` picks the loader: an ELF with the PVH note boots through PVH, any other
+x86 ELF as a plain executable, and a flat binary when asked for (or when the file is not ELF
+and a load address was given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from vmscope.arch.x86.cpu_state import CpuMode
+from vmscope.arch.x86.e820 import E820Entry
+from vmscope.errors import ConfigError, ImageFormatError
+from vmscope.loader.base import LoadedGuest, LoadedSegment
+from vmscope.loader.elf import has_elf_magic, load_elf, load_elf_image, read_elf_image
+from vmscope.loader.flat import load_flat
+from vmscope.loader.pvh import is_pvh_elf, load_pvh, load_pvh_image, pvh_entry_point
+from vmscope.memory.guest_memory import GuestMemory
+
+__all__ = [
+    "GuestKind",
+    "LoadedGuest",
+    "LoadedSegment",
+    "is_pvh_elf",
+    "load_elf",
+    "load_flat",
+    "load_guest",
+    "load_pvh",
+]
+
+GuestKind = Literal["auto", "elf", "flat"]
+GUEST_KINDS: tuple[GuestKind, ...] = ("auto", "elf", "flat")
+
+
+def load_guest(
+    memory: GuestMemory,
+    path: Path,
+    *,
+    kind: GuestKind = "auto",
+    cmdline: str = "",
+    modules: Sequence[Path] = (),
+    flat_address: int | None = None,
+    flat_mode: CpuMode | None = None,
+    flat_entry: int | None = None,
+    rsdp_address: int = 0,
+    extra_e820: Sequence[E820Entry] = (),
+) -> LoadedGuest:
+    """Load ``path`` into ``memory``: PVH when the ELF carries the PVH note, plain ELF otherwise.
+
+    ``kind="flat"`` (or ``"auto"`` on a non-ELF file with ``flat_address`` given) loads a flat
+    binary at ``flat_address`` entered in ``flat_mode``. A command line and modules need a PVH
+    kernel; passing them for another kind of image is a ConfigError rather than silently ignored.
+    """
+    if kind not in GUEST_KINDS:
+        raise ConfigError(f"unknown guest image kind {kind!r}: expected one of {', '.join(GUEST_KINDS)}")
+    path = Path(path)
+    is_elf = has_elf_magic(path)  # also turns a missing or unreadable file into ImageFormatError
+    if kind == "flat" or (kind == "auto" and not is_elf and flat_address is not None):
+        if flat_address is None or flat_mode is None:
+            raise ConfigError("a flat image needs a load address and a CPU mode (real, protected or long)")
+        _refuse_boot_arguments(path, "a flat binary", cmdline, modules)
+        return load_flat(memory, path, flat_address, flat_mode, flat_entry)
+    if not is_elf:
+        with open(path, "rb") as stream:
+            magic = stream.read(4)
+        raise ImageFormatError(
+            str(path), f"not an ELF file (starts with {magic!r}); to boot a flat binary give a load address"
+        )
+    image = read_elf_image(path)
+    if pvh_entry_point(image) is not None:
+        return load_pvh_image(memory, image, cmdline, modules, rsdp_address, extra_e820)
+    _refuse_boot_arguments(path, f"a plain ELF{image.elf_class} without the PVH note", cmdline, modules)
+    return load_elf_image(memory, image)
+
+
+def _refuse_boot_arguments(path: Path, what: str, cmdline: str, modules: Sequence[Path]) -> None:
+    if cmdline:
+        raise ConfigError(f"{path} is {what}: a kernel command line needs a PVH kernel")
+    if modules:
+        raise ConfigError(f"{path} is {what}: modules (initrd) need a PVH kernel")
