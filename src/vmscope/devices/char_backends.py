@@ -1,0 +1,452 @@
+"""Host ends of a serial port: where guest output goes and where guest input comes from.
+
+A :class:`SerialBackend` is what the UART's transmitter writes to (on the vCPU thread, so
+``write`` must neither raise nor block for long) and, for backends with input, a small
+daemon reader thread that hands host bytes to the device through an :data:`InputSink`.
+The sink applies flow control: it returns once the UART has taken every byte, so host
+input is never lost to a receive-FIFO overrun however fast it arrives.
+
+Backends, chosen with :func:`parse_serial_spec` / :func:`open_serial_backend`:
+
+``stdio``      output to the terminal (fd 1); input from stdin only when stdin is not a
+               TTY and not closed (a pipe or file: an interactive terminal would need raw
+               mode, which vmscope does not take over)
+``file:PATH``  output appended to PATH, one ``write`` syscall per guest write, so nothing
+               sits in a user-space buffer when the VMM crashes; no input
+``unix:PATH``  the VMM listens on a UNIX stream socket at PATH and serves one client at a
+               time (a second one waits in the backlog); output while no client is
+               connected is dropped, input comes from the client
+``none``       output dropped, no input
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import stat
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from vmscope.errors import ConfigError
+
+log = logging.getLogger("vmscope.devices.serial")
+
+#: Called by a backend's reader thread with host bytes. It blocks until the device has taken
+#: them all and returns False once the device is closed, at which point the reader stops.
+InputSink = Callable[[bytes], bool]
+
+SerialKind = Literal["stdio", "file", "unix", "none"]
+
+_SPEC_FORMS = "stdio, none, file:PATH or unix:PATH"
+# sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL
+_UNIX_PATH_MAX = 107
+_READ_CHUNK = 4096
+# how long a guest write may wait for a connected socket client that is not reading
+_SOCKET_SEND_PATIENCE_S = 0.25
+
+
+class SerialBackend(ABC):
+    """The host side of a serial port."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Deliver guest output. Runs on the vCPU thread: must not raise or block for long."""
+
+    def start(self, deliver: InputSink) -> None:  # noqa: B027 - optional hook, default: no input
+        """Begin handing host input to ``deliver`` from a daemon thread (default: no input)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, default: nothing held
+        """Stop the reader thread and release files and sockets (default: nothing held)."""
+
+
+class NullBackend(SerialBackend):
+    """Drops output, produces no input."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class _Waker:
+    """A pipe a reader thread polls beside its input, so ``close`` can wake it up."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+
+    def wait_readable(self, fd: int) -> bool:
+        """Block until ``fd`` is readable or at EOF (True), or until woken or ``fd`` is bad (False)."""
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                events = poller.poll()
+            except OSError:
+                return False
+            ready = {ready_fd: mask for ready_fd, mask in events}
+            if self._read_fd in ready:
+                return False
+            mask = ready.get(fd, 0)
+            if mask & select.POLLNVAL:
+                return False
+            if mask:
+                return True
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # pipe already full: the reader is being woken anyway
+            os.write(self._write_fd, b"x")
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _write_all_fd(fd: int, data: bytes) -> None:
+    """os.write until everything is written, waiting out a non-blocking descriptor."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[written:]
+
+
+def _stdin_fd_if_not_interactive() -> int | None:
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        return None
+    try:
+        fd = stdin.fileno()
+        return None if os.isatty(fd) else fd
+    except (OSError, ValueError):  # replaced by an object without a descriptor (e.g. under pytest)
+        return None
+
+
+class StdioBackend(SerialBackend):
+    """Output to a terminal or pipe descriptor, input from a non-interactive descriptor.
+
+    ``StdioBackend()`` writes to fd 1 and reads fd 0 when stdin is neither a TTY nor closed.
+    Descriptors are borrowed, never closed.
+    """
+
+    def __init__(self, output_fd: int = 1, input_fd: int | Literal["auto"] | None = "auto") -> None:
+        if output_fd == 1 and sys.stdout is not None:
+            sys.stdout.flush()  # keep anything Python already buffered ahead of guest output
+        self._output_fd = output_fd
+        self._input_fd = _stdin_fd_if_not_interactive() if input_fd == "auto" else input_fd
+        self._output_broken = False
+        self._waker: _Waker | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def has_input(self) -> bool:
+        return self._input_fd is not None
+
+    def write(self, data: bytes) -> None:
+        if self._output_broken:
+            return
+        try:
+            written = os.write(self._output_fd, data)
+            if written != len(data):
+                _write_all_fd(self._output_fd, data[written:])
+        except BlockingIOError:
+            try:
+                _write_all_fd(self._output_fd, data)
+            except OSError as error:
+                self._break(error)
+        except OSError as error:
+            self._break(error)
+
+    def _break(self, error: OSError) -> None:
+        self._output_broken = True
+        log.warning("serial output to fd %d failed (%s); dropping the rest", self._output_fd, error)
+
+    def start(self, deliver: InputSink) -> None:
+        if self._input_fd is None or self._thread is not None:
+            return
+        self._waker = _Waker()
+        self._thread = threading.Thread(
+            target=self._read_loop,
+            args=(self._input_fd, self._waker, deliver),
+            name="serial-stdin",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _read_loop(fd: int, waker: _Waker, deliver: InputSink) -> None:
+        while waker.wait_readable(fd):
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                log.warning("serial input from fd %d failed: %s", fd, error)
+                return
+            if not chunk or not deliver(chunk):
+                return
+
+    def close(self) -> None:
+        _stop_reader(self._thread, self._waker)
+        self._thread = None
+        self._waker = None
+
+
+def _stop_reader(thread: threading.Thread | None, waker: _Waker | None) -> None:
+    if waker is None:
+        return
+    waker.wake()
+    if thread is not None:
+        thread.join(timeout=2.0)
+        if thread.is_alive():  # still inside the device: leave its descriptors open, not pulled away
+            log.warning("serial reader thread %s did not stop", thread.name)
+            return
+    waker.close()
+
+
+class FileBackend(SerialBackend):
+    """Appends guest output to a file, one unbuffered write per guest write."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise ConfigError(f"serial file:{path}: cannot open for appending: {error.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                _write_all_fd(fd, data[written:])
+        except OSError as error:
+            self._fd = None
+            os.close(fd)
+            log.warning("serial output to %s failed (%s); further guest output is dropped", self.path, error)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a stale socket left at ``path`` by a VMM that died; refuse anything else."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"serial unix:{path}: {error.strerror}") from None
+    if not stat.S_ISSOCK(status.st_mode):
+        raise ConfigError(f"serial unix:{path}: exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as error:
+        raise ConfigError(f"serial unix:{path}: cannot check the existing socket: {error.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"serial unix:{path}: another process is listening on this socket")
+
+
+class UnixSocketBackend(SerialBackend):
+    """A listening UNIX stream socket; one client at a time sees output and provides input.
+
+    Output while no client is connected is dropped and counted in :attr:`dropped_bytes`. A
+    connected client that stops reading delays one guest write by at most a quarter second;
+    from then on output that does not fit in the socket buffer is dropped at once, until a
+    write goes through whole again: the guest must never stall on a client.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.dropped_bytes = 0
+        _claim_socket_path(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(path)
+            self._listener.listen(1)
+            self._inode = os.stat(path).st_ino
+        except OSError as error:
+            self._listener.close()
+            raise ConfigError(f"serial unix:{path}: cannot listen: {error.strerror}") from None
+        self._client: socket.socket | None = None
+        self._congested = False  # the last write timed out; do not wait for this client again
+        self._connected = threading.Event()
+        self._stopping = False
+        self._waker: _Waker | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until a client is being served (for callers that must not lose early output)."""
+        return self._connected.wait(timeout)
+
+    def start(self, deliver: InputSink) -> None:
+        if self._thread is not None:
+            return
+        self._waker = _Waker()
+        self._thread = threading.Thread(
+            target=self._serve, args=(self._waker, deliver), name=f"serial-unix:{self.path}", daemon=True
+        )
+        self._thread.start()
+
+    def _serve(self, waker: _Waker, deliver: InputSink) -> None:
+        listener = self._listener
+        while not self._stopping and waker.wait_readable(listener.fileno()):
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the client gave up between poll and accept
+                continue
+            self._client = client
+            self._congested = False
+            self._connected.set()
+            try:
+                self._pump(client, waker, deliver)
+            finally:
+                self._connected.clear()
+                self._client = None
+                client.close()
+
+    def _pump(self, client: socket.socket, waker: _Waker, deliver: InputSink) -> None:
+        while waker.wait_readable(client.fileno()):
+            try:
+                chunk = client.recv(_READ_CHUNK)
+            except OSError:
+                return
+            if not chunk:
+                return
+            if not deliver(chunk):
+                self._stopping = True
+                return
+
+    def write(self, data: bytes) -> None:
+        client = self._client
+        if client is None:
+            self.dropped_bytes += len(data)
+            return
+        try:
+            sent = client.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._hang_up(client)
+            self.dropped_bytes += len(data)
+            return
+        if sent == len(data):
+            self._congested = False
+        elif self._congested:
+            self.dropped_bytes += len(data) - sent
+        else:
+            self._send_rest(client, memoryview(data)[sent:])
+
+    def _send_rest(self, client: socket.socket, rest: memoryview) -> None:
+        deadline = time.monotonic() + _SOCKET_SEND_PATIENCE_S
+        while rest:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                _, writable, _ = select.select([], [client], [], remaining)
+                if writable:
+                    rest = rest[client.send(rest, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) :]
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError):
+                self._hang_up(client)
+                break
+        if rest:
+            self._congested = True
+            self.dropped_bytes += len(rest)
+
+    @staticmethod
+    def _hang_up(client: socket.socket) -> None:
+        """Shut a dead client down; the serving thread sees EOF and closes it."""
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stopping = True
+        _stop_reader(self._thread, self._waker)
+        self._thread = None
+        self._waker = None
+        client = self._client
+        if client is not None:
+            self._hang_up(client)
+        self._listener.close()
+        try:  # remove the path only while it is still the socket this backend created
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True)
+class SerialSpec:
+    """A parsed ``--serial`` value."""
+
+    kind: SerialKind
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+def parse_serial_spec(text: str) -> SerialSpec:
+    """Parse ``stdio``, ``none``, ``file:PATH`` or ``unix:PATH``; raise ConfigError otherwise."""
+    if text == "stdio":
+        return SerialSpec("stdio")
+    if text == "none":
+        return SerialSpec("none")
+    kind, colon, path = text.partition(":")
+    if not colon or kind not in ("file", "unix"):
+        raise ConfigError(f"serial {text!r}: expected {_SPEC_FORMS}")
+    if not path:
+        example = "/tmp/guest.log" if kind == "file" else "/tmp/guest.sock"
+        raise ConfigError(f"serial {text!r}: {kind}: needs a path, e.g. {kind}:{example}")
+    if "\0" in path:
+        raise ConfigError(f"serial {text!r}: the path contains a NUL character")
+    if kind == "file":
+        return SerialSpec("file", path)
+    length = len(os.fsencode(path))
+    if length > _UNIX_PATH_MAX:
+        raise ConfigError(
+            f"serial {kind}:{path[:40]}...: socket path is {length} bytes, "
+            f"over the {_UNIX_PATH_MAX} Linux allows"
+        )
+    return SerialSpec("unix", path)
+
+
+def open_serial_backend(spec: SerialSpec | str) -> SerialBackend:
+    """Create the backend a spec names (a string is parsed first); ConfigError if it cannot be opened."""
+    parsed = parse_serial_spec(spec) if isinstance(spec, str) else spec
+    if parsed.kind == "stdio":
+        return StdioBackend()
+    if parsed.kind == "none":
+        return NullBackend()
+    if parsed.path is None:
+        raise ConfigError(f"serial {parsed.kind}: needs a path")
+    if parsed.kind == "file":
+        return FileBackend(parsed.path)
+    return UnixSocketBackend(parsed.path)
