@@ -116,7 +116,7 @@ def test_exit_accounting_counts_each_port_exactly(tmp_path: Path) -> None:
         machine.load(image, kind="flat", flat_address=0x7C00, flat_mode=CpuMode.REAL)
         machine.run(timeout=30)
         stats = machine.runners[0].stats
-        counts = {key: acc[0] for key, acc in stats.handling.items()}
+        counts = {key: histogram.count for key, histogram in stats.handling.items()}
     from vmscope.vmm.runner import decode_exit_key
 
     decoded = {decode_exit_key(key): n for key, n in counts.items()}

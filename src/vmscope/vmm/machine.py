@@ -32,6 +32,7 @@ from vmscope.kvm import structs as s
 from vmscope.loader import GuestKind, LoadedGuest, load_guest
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.vmm.crash import CrashReport, build_crash_report
+from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
 
@@ -117,13 +118,17 @@ class Machine:
         self._irq_lines: dict[int, KvmIrqLine] = {}
         self._device_mappings: list[DeviceMapping] = []
 
+        #: exit hooks (user observers and the profiler); see vmscope.vmm.hooks
+        self.hooks = ExitHooks()
         supported = _to_policy_entries(self.kvm.supported_cpuid())
         self.runners: list[VcpuRunner] = []
         for vcpu_id in range(cpus):
             vcpu = self.vm.create_vcpu(vcpu_id)
             entries = cpuid_policy.apply_policy(supported, self.cpu_policy, vcpu_id, cpus)
             vcpu.set_cpuid(_to_kvm_entries(entries))
-            self.runners.append(VcpuRunner(self, vcpu))
+            runner = VcpuRunner(self, vcpu)
+            self.runners.append(runner)
+            self.hooks.attach_runner(runner)
 
         self.guest: LoadedGuest | None = None
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
@@ -170,6 +175,20 @@ class Machine:
                 )
         self.mmio_bus.register(base, length, device)
         self._device_mappings.append(DeviceMapping("mmio", base, length, device))
+
+    def add_exit_hook(
+        self,
+        callback: Callable[[ExitEvent], None],
+        *,
+        reasons: Sequence[str | int] | None = None,
+        addresses: range | Sequence[tuple[int, int]] | None = None,
+        registers: bool = True,
+    ) -> ExitHook:
+        """Call ``callback(event)`` on the vCPU thread for each matching exit (see vmm.hooks)."""
+        return self.hooks.add(callback, reasons=reasons, addresses=addresses, registers=registers)
+
+    def remove_exit_hook(self, hook: ExitHook) -> None:
+        self.hooks.remove(hook)
 
     def devices(self) -> list[DeviceMapping]:
         return list(self._device_mappings)

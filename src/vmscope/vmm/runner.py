@@ -15,11 +15,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
-from vmscope.vmm.exit_stats import VcpuExitStats, new_accumulator
+from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.vmm.exit_stats import VcpuExitStats
+from vmscope.vmm.hooks import ExitEvent, ExitHook
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
@@ -61,12 +63,6 @@ def rare_exit_key(reason: int) -> int:
     return reason << 56
 
 
-class ExitObserver(Protocol):
-    """Something that wants to see exits (the profiler, user hooks); called after handling."""
-
-    def on_exit(self, runner: VcpuRunner, key: int, handling_ns: int) -> None: ...
-
-
 def install_kick_handler() -> None:
     """Give KICK_SIGNAL a real handler so it interrupts KVM_RUN (SIG_IGN would not).
 
@@ -86,7 +82,12 @@ class VcpuRunner:
         self.stats = VcpuExitStats(vcpu.id)
         self.thread: threading.Thread | None = None
         self.thread_ident: int | None = None
-        self.observers: list[ExitObserver] = []
+        #: [] when no exit hook is registered, [True] otherwise; mutated in place so the loop's
+        #: local reference sees changes made from other threads
+        self.hooks_active: list[bool] = []
+        #: exit key -> the hooks matching it (filled lazily, cleared when hooks change)
+        self.hook_cache: dict[int, tuple[ExitHook, ...]] = {}
+        self._hook_failures_logged: set[int] = set()
         #: set by the machine; read by the loop only after a kick (EINTR)
         self.stop_requested = False
         self.pause_requested = False
@@ -96,6 +97,43 @@ class VcpuRunner:
         #: stop nor pause (the sampling profiler's timer)
         self.on_kick: Callable[[VcpuRunner], None] | None = None
         self.exited = threading.Event()
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def set_hooks_active(self, active: bool, needs_registers: bool) -> None:
+        self.hook_cache.clear()
+        self.hooks_active[:] = [True] if active else []
+        if needs_registers:
+            self.vcpu.enable_sync_regs(c.SYNC_X86_REGS | c.SYNC_X86_SREGS)
+        else:
+            self.vcpu.enable_sync_regs(0)
+
+    def _dispatch_hooks(self, hooks: tuple[ExitHook, ...], key: int, handling_ns: int) -> None:
+        run = self.vcpu.run_struct
+        reason = key >> 56
+        address = key & ((1 << 52) - 1)
+        access = (key >> 52) & 0xF
+        data = b""
+        if reason == c.ExitReason.IO:
+            io = run.exit.io
+            data = bytes(self.vcpu.run_buffer[io.data_offset : io.data_offset + io.size * io.count])
+        elif reason == c.ExitReason.MMIO:
+            mmio = run.exit.mmio
+            data = bytes(mmio.data)[: min(mmio.len, 8)]
+        else:
+            address = -1
+        rip = int(run.s.regs.regs.rip) if run.kvm_valid_regs & c.SYNC_X86_REGS else 0
+        name, _, access_name = decode_exit_key(key)
+        event = ExitEvent(self.vcpu.id, name, address, access_name, data, handling_ns, rip, self)
+        for hook in hooks:
+            hook.calls += 1
+            try:
+                hook.callback(event)
+            except Exception:  # a broken hook is reported once and must not stop the guest
+                hook.errors += 1
+                if id(hook) not in self._hook_failures_logged:
+                    self._hook_failures_logged.add(id(hook))
+                    log.exception("exit hook %r failed (further failures are counted, not logged)", hook.callback)
 
     # -- thread control ---------------------------------------------------------------------
 
@@ -182,8 +220,10 @@ class VcpuRunner:
         mmio_write = self.machine.mmio_bus.write
         clock = time.perf_counter_ns
         handling = self.stats.handling
-        guest = self.stats.guest
-        observers = self.observers
+        record_guest = self.stats.guest.record
+        hooks_active = self.hooks_active
+        hook_cache = self.hook_cache
+        match_hooks = self.machine.hooks.match
         io_exit, mmio_exit = int(c.ExitReason.IO), int(c.ExitReason.MMIO)
         union = _EXIT_UNION_OFFSET
         if self.stop_requested:
@@ -193,20 +233,14 @@ class VcpuRunner:
             try:
                 kvm_run()
             except InterruptedError:
+                record_guest(clock() - now)  # guest time up to the kick (counted in stats.kicks too)
                 if not self._handle_kick():
                     return
                 now = clock()
                 continue
             entered = now
             now = clock()
-            elapsed = now - entered
-            guest[0] += 1
-            guest[1] += elapsed
-            if elapsed > guest[3]:
-                guest[3] = elapsed
-            if elapsed < guest[2]:
-                guest[2] = elapsed
-            guest[4 + elapsed.bit_length()] += 1
+            record_guest(now - entered)
 
             reason = run_page[8]
             if reason == io_exit:
@@ -240,19 +274,17 @@ class VcpuRunner:
 
             end = clock()
             elapsed = end - now
-            accumulator = handling.get(key)
-            if accumulator is None:
-                accumulator = handling[key] = new_accumulator()
-            accumulator[0] += 1
-            accumulator[1] += elapsed
-            if elapsed > accumulator[3]:
-                accumulator[3] = elapsed
-            if elapsed < accumulator[2]:
-                accumulator[2] = elapsed
-            accumulator[4 + elapsed.bit_length()] += 1
-            if observers:
-                for observer in observers:
-                    observer.on_exit(self, key, elapsed)
+            histogram = handling.get(key)
+            if histogram is None:
+                histogram = handling[key] = LatencyHistogram()
+            histogram.record(elapsed)
+            if hooks_active:
+                matched = hook_cache.get(key)
+                if matched is None:
+                    matched = hook_cache[key] = match_hooks(key)
+                if matched:
+                    self._dispatch_hooks(matched, key, elapsed)
+                    end = clock()  # hook time is not guest time
             now = end
 
     def _handle_rare_exit(self) -> bool:

@@ -7,8 +7,8 @@ reader of either finds things where they expect.
 
 from __future__ import annotations
 
-GDT_ADDRESS = 0x500  # boot GDT: null, code64, code32, data, tss
-IDT_ADDRESS = 0x520  # empty IDT: a fault before the guest installs its own triple-faults
+GDT_ADDRESS = 0x500  # boot GDT (0x30 bytes): null, code32 0x08, code64 0x10, data 0x18, tss 0x20
+IDT_ADDRESS = 0x530  # empty IDT: a fault before the guest installs its own triple-faults
 PVH_START_INFO_ADDRESS = 0x6000  # struct hvm_start_info
 PVH_MODLIST_ADDRESS = 0x6040  # struct hvm_modlist_entry[]
 PVH_MEMMAP_ADDRESS = 0x7000  # struct hvm_memmap_table_entry[]

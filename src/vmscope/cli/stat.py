@@ -1,0 +1,74 @@
+"""``vmscope stat``: run a guest and print a perf-kvm-stat style table of its exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from vmscope.cli.record import merge_run_arguments
+from vmscope.cli.run import add_machine_arguments, build_machine, report_result
+from vmscope.profiler.model import Profile
+from vmscope.profiler.recorder import fill_exit_statistics
+from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
+from vmscope.vmm.machine import Machine
+
+EPILOG = """\
+examples:
+  vmscope stat                                   exits of the bundled demo guest
+  vmscope stat --event ioport --sort time        port I/O exits, most expensive first
+  vmscope stat -i 1 -- --elf guest.elf           a table every second while it runs
+"""
+
+
+def snapshot(machine: Machine) -> Profile:
+    profile = Profile()
+    profile.metadata.cpus = machine.cpu_count
+    profile.metadata.kvm_backend = machine.kvm.backend
+    fill_exit_statistics(profile, machine)
+    return profile
+
+
+def handle(args: argparse.Namespace) -> int:
+    args = merge_run_arguments(args, "vmscope stat")
+    machine = build_machine(args)
+    options = ReportOptions(event=args.event, vcpu=args.vcpu, sort=args.sort)
+    console = make_console(sys.stdout)
+    stop_printing = threading.Event()
+
+    def print_periodically() -> None:
+        while not stop_printing.wait(args.interval):
+            render_kvm_stat(snapshot(machine), console, options, console.is_terminal)
+
+    try:
+        printer = None
+        if args.interval:
+            printer = threading.Thread(target=print_periodically, name="vmscope-stat", daemon=True)
+            printer.start()
+        result = machine.run(timeout=args.timeout)
+        stop_printing.set()
+        if printer is not None:
+            printer.join()
+        render_kvm_stat(snapshot(machine), console, options, console.is_terminal)
+    finally:
+        machine.close()
+    report_result(result, args.quiet)
+    return result.exit_status
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "stat",
+        help="run a guest and print exit statistics (like perf kvm stat)",
+        description="Run a guest and print a `perf kvm stat report`-style table of its VM exits.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--event", choices=("vmexit", "ioport", "mmio"), default="vmexit", help="event class")
+    parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
+    parser.add_argument("--sort", choices=("samples", "time"), default="samples", help="sort order")
+    parser.add_argument("-i", "--interval", type=float, metavar="SECONDS", help="also print every SECONDS")
+    add_machine_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    parser.add_argument("run_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=handle)
