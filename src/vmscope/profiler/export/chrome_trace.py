@@ -1,0 +1,91 @@
+"""Chrome trace-event JSON (chrome://tracing, ui.perfetto.dev): the profile's timeline spans.
+
+One process ("vmscope: <guest>") with one thread track per span track: vCPU threads first
+("vcpu0", "vcpu1", ...), then I/O threads and others by name. Spans become "X" complete events;
+timestamps are microseconds since the start of the run (fractions keep ns precision).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from vmscope.profiler.model import Profile
+
+PROCESS_ID = 1
+_VCPU_TRACK = re.compile(r"vcpu(\d+)$")
+
+
+def _track_order(track: str) -> tuple[int, int, str]:
+    match = _VCPU_TRACK.match(track)
+    if match:
+        return (0, int(match.group(1)), track)
+    return (1, 0, track)
+
+
+def span_category(name: str) -> str:
+    """The part before ':' ("exit:IO port 0x3f8" -> "exit"), or the whole name."""
+    return name.split(":", 1)[0]
+
+
+def chrome_trace_document(profile: Profile) -> dict[str, Any]:
+    tracks = sorted({span.track for span in profile.spans}, key=_track_order)
+    for vcpu in profile.vcpus:
+        if f"vcpu{vcpu}" not in tracks:
+            tracks.append(f"vcpu{vcpu}")
+    tracks.sort(key=_track_order)
+    thread_ids = {track: index + 1 for index, track in enumerate(tracks)}
+    image = os.path.basename(profile.metadata.guest_image) or "guest"
+    events: list[dict[str, Any]] = [
+        {
+            "ph": "M",
+            "name": "process_name",
+            "pid": PROCESS_ID,
+            "tid": 0,
+            "args": {"name": f"vmscope: {image}"},
+        }
+    ]
+    for track, thread_id in thread_ids.items():
+        events.append(
+            {"ph": "M", "name": "thread_name", "pid": PROCESS_ID, "tid": thread_id, "args": {"name": track}}
+        )
+        events.append(
+            {
+                "ph": "M",
+                "name": "thread_sort_index",
+                "pid": PROCESS_ID,
+                "tid": thread_id,
+                "args": {"sort_index": thread_id},
+            }
+        )
+    spans = sorted(profile.spans, key=lambda s: (thread_ids[s.track], s.start_ns, -s.end_ns))
+    for span in spans:
+        event: dict[str, Any] = {
+            "ph": "X",
+            "name": span.name,
+            "cat": span_category(span.name),
+            "pid": PROCESS_ID,
+            "tid": thread_ids[span.track],
+            "ts": span.start_ns / 1000,
+            "dur": span.duration_ns / 1000,
+        }
+        if span.args:
+            event["args"] = dict(span.args)
+        events.append(event)
+    meta = profile.metadata
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ns",
+        "otherData": {
+            "vmscope_version": meta.vmscope_version,
+            "guest_image": meta.guest_image,
+            "kvm_backend": meta.kvm_backend,
+            "start_time_ns": str(meta.start_time_ns),
+        },
+    }
+
+
+def export_chrome_trace(profile: Profile) -> str:
+    return json.dumps(chrome_trace_document(profile), separators=(",", ":")) + "\n"
