@@ -43,8 +43,9 @@ class Bus:
         self._bases: list[int] = []
         # address -> (device, base); filled on first access so repeat exits cost one dict lookup
         self._cache: dict[int, tuple[Device, int] | None] = {}
-        self.unclaimed_reads: Counter[int] = Counter()
-        self.unclaimed_writes: Counter[int] = Counter()
+        #: (address, access size) -> count of accesses no device claimed
+        self.unclaimed_reads: Counter[tuple[int, int]] = Counter()
+        self.unclaimed_writes: Counter[tuple[int, int]] = Counter()
         self.device_errors: Counter[str] = Counter()
 
     # -- registration ---------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Bus:
     def read(self, address: int, size: int) -> bytes:
         target = self._cache.get(address) if address in self._cache else self.lookup(address)
         if target is None:
-            self.unclaimed_reads[address] += 1
+            self.unclaimed_reads[address, size] += 1
             return b"\xff" * size
         device, base = target
         try:
@@ -113,7 +114,7 @@ class Bus:
     def write(self, address: int, data: bytes) -> None:
         target = self._cache.get(address) if address in self._cache else self.lookup(address)
         if target is None:
-            self.unclaimed_writes[address] += 1
+            self.unclaimed_writes[address, len(data)] += 1
             return
         device, base = target
         try:

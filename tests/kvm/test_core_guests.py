@@ -122,7 +122,7 @@ def test_exit_accounting_counts_each_port_exactly(tmp_path: Path) -> None:
     decoded = {decode_exit_key(key): n for key, n in counts.items()}
     assert decoded[("IO", 0x510, "out")] == 500
     assert decoded[("IO", 0xF4, "out")] == 1
-    assert machine.pio_bus.unclaimed_writes[0x510] == 500
+    assert machine.pio_bus.unclaimed_writes[0x510, 1] == 500
 
 
 def test_stop_from_another_thread_ends_a_spinning_guest(tmp_path: Path) -> None:

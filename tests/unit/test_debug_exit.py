@@ -55,4 +55,4 @@ def test_default_port_on_the_bus_like_qemu() -> None:
     bus.write(0xF5, b"\x01")  # beside it: unclaimed
     assert machine.stops and machine.stops[0][1] == 85
     assert len(machine.stops) == 1
-    assert bus.unclaimed_writes[0xF5] == 1
+    assert bus.unclaimed_writes[0xF5, 1] == 1

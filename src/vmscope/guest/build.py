@@ -37,6 +37,7 @@ DEFAULT_CFLAGS: tuple[str, ...] = (
     "-mno-red-zone",
     "-mgeneral-regs-only",
     "-fno-omit-frame-pointer",
+    "-mno-omit-leaf-frame-pointer",  # leaf frames where the compiler honours it (GCC 12 does not always)
     "-fno-optimize-sibling-calls",  # keep every caller's frame for backtraces
     "-fno-tree-loop-distribute-patterns",  # no memset/memcpy calls synthesized inside memset/memcpy
     "-fno-asynchronous-unwind-tables",

@@ -42,11 +42,11 @@ DEFAULT_MAX_SPANS = 50_000
 
 
 def exit_detail(reason: str, address: int, access: str) -> str:
-    """The ExitStat detail string for an exit: "port 0x3f8 out", "mmio 0xd0000000 read" or ""."""
+    """The ExitStat detail string for an exit: "port 0x3f8 out", "0xd0000000 read" or ""."""
     if reason == "IO":
         return f"port {address:#x} {access}"
     if reason == "MMIO":
-        return f"mmio {address:#x} {access}"
+        return f"{address:#x} {access}"
     return ""
 
 
@@ -135,7 +135,12 @@ class ProfileRecorder:
         return time.perf_counter_ns() - self._t0
 
     def _take_sample(
-        self, runner: VcpuRunner, time_ns: int, origin: str, reason: str | None = None, detail: str | None = None
+        self,
+        runner: VcpuRunner,
+        time_ns: int,
+        origin: str,
+        reason: str | None = None,
+        detail: str | None = None,
     ) -> Sample | None:
         vcpu = runner.vcpu
         run = vcpu.run_struct
@@ -176,7 +181,15 @@ class ProfileRecorder:
                     samples.append(sample)
             else:
                 samples.append(
-                    Sample(sample.vcpu, sample.time_ns, sample.ip, sample.cpl, sample.cr3, sample.stack, ORIGIN_TIMER)
+                    Sample(
+                        sample.vcpu,
+                        sample.time_ns,
+                        sample.ip,
+                        sample.cpl,
+                        sample.cr3,
+                        sample.stack,
+                        ORIGIN_TIMER,
+                    )
                 )
         if state.spans < self.max_spans_per_vcpu:
             track = f"vcpu{runner.vcpu.id}"
@@ -230,7 +243,9 @@ class ProfileRecorder:
             if machine.guest.symbol_file is not None:
                 meta.guest_image = str(machine.guest.symbol_file)
         meta.extra["kicks"] = str(sum(s.kicks_sent for s in self._states.values()))
-        meta.extra["exit_sample_stride_max"] = str(max((s.exit_sample_stride for s in self._states.values()), default=1))
+        meta.extra["exit_sample_stride_max"] = str(
+            max((s.exit_sample_stride for s in self._states.values()), default=1)
+        )
         fill_exit_statistics(profile, machine)
         symbol_paths = list(self.symbol_files)
         if machine.guest is not None and machine.guest.symbol_file is not None:
@@ -258,8 +273,8 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
         profile.guest_time_histogram(runner.vcpu.id).merge(runner.stats.guest)
     for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
         for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
-            for address, count in counter.items():
-                access = profile.record_unclaimed(space, address, 0, is_write)
+            for (address, size), count in counter.items():
+                access = profile.record_unclaimed(space, address, size, is_write)
                 access.count += count - 1
     try:
         for name, values in machine.kvm_stats().items():
