@@ -107,7 +107,9 @@ class Bus:
             self._device_failed(device, "read", address, error)
             return b"\xff" * size
         if len(data) != size:
-            self._device_failed(device, "read", address, ValueError(f"returned {len(data)} bytes, not {size}"))
+            self._device_failed(
+                device, "read", address, ValueError(f"returned {len(data)} bytes, not {size}")
+            )
             return (bytes(data) + b"\xff" * size)[:size]
         return data
 

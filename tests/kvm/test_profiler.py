@@ -111,7 +111,11 @@ def test_record_cli_writes_a_profile_that_report_reads(tmp_path: Path, ratio_gue
     profile = profile_file.load(out)
     assert profile.metadata.guest_kind == "PVH ELF"
     report = subprocess.run(
-        [sys.executable, "-m", "vmscope", "report", str(out)], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "vmscope", "report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert report.returncode == 0, report.stderr
     assert "port_writer" in report.stdout and "IO port 0x510 out" in report.stdout

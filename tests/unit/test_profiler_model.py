@@ -170,6 +170,8 @@ def test_unclaimed_accesses_are_counted_per_address() -> None:
     profile = build_profile()
     counts = {access.label: access.count for access in profile.unclaimed}
     assert counts == {"port 0x61 read size 1": 2, "mmio 0xfed00000 write size 4": 1}
+    profile.record_unclaimed("pio", 0x92, 0, True, count=5)
+    assert profile.unclaimed[-1].label == "port 0x92 write" and profile.unclaimed[-1].count == 5
     with pytest.raises(VmscopeError, match="space"):
         profile.record_unclaimed("dma", 0, 1, False)
 

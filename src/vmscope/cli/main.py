@@ -38,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s"
+    )
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

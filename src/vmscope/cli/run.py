@@ -34,25 +34,40 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that boots a guest (run, stat, record)."""
     image = parser.add_argument_group("guest image (default: the bundled demo guest)")
     choice = image.add_mutually_exclusive_group()
-    choice.add_argument("--kernel", type=Path, metavar="FILE", help="Linux bzImage, PVH vmlinux or any ELF kernel")
+    choice.add_argument(
+        "--kernel", type=Path, metavar="FILE", help="Linux bzImage, PVH vmlinux or any ELF kernel"
+    )
     choice.add_argument("--elf", type=Path, metavar="FILE", help="an ELF guest (PVH note -> PVH boot)")
-    choice.add_argument("--flat", type=Path, metavar="FILE", help="a flat binary (needs --mode, --load-address)")
+    choice.add_argument(
+        "--flat", type=Path, metavar="FILE", help="a flat binary (needs --mode, --load-address)"
+    )
     image.add_argument("--mode", choices=[m.value for m in CpuMode], help="entry mode of a flat binary")
     image.add_argument("--load-address", type=_int, metavar="ADDR", help="where a flat binary is loaded")
-    image.add_argument("--entry", type=_int, metavar="ADDR", help="entry of a flat binary (default: load address)")
+    image.add_argument(
+        "--entry", type=_int, metavar="ADDR", help="entry of a flat binary (default: load address)"
+    )
     image.add_argument("--initrd", type=Path, metavar="FILE", help="initial ramdisk (Linux) / PVH module")
     image.add_argument("--cmdline", default="", metavar="TEXT", help="guest kernel command line")
     machine = parser.add_argument_group("machine")
-    machine.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)")
+    machine.add_argument(
+        "--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)"
+    )
     machine.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
     machine.add_argument(
-        "--cpu-features", default="", metavar="LIST", help="CPUID policy, e.g. -cx16,-xsave hides those features"
+        "--cpu-features",
+        default="",
+        metavar="LIST",
+        help="CPUID policy, e.g. -cx16,-xsave hides those features",
     )
     machine.add_argument(
         "--serial", default="stdio", metavar="SPEC", help="COM1 backend: stdio, none, file:PATH or unix:PATH"
     )
     machine.add_argument(
-        "--debug-exit-port", type=_int, default=0xF4, metavar="PORT", help="isa-debug-exit port (default 0xf4)"
+        "--debug-exit-port",
+        type=_int,
+        default=0xF4,
+        metavar="PORT",
+        help="isa-debug-exit port (default 0xf4)",
     )
     machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
 

@@ -60,10 +60,10 @@ class SerialBackend(ABC):
     def write(self, data: bytes) -> None:
         """Deliver guest output. Runs on the vCPU thread: must not raise or block for long."""
 
-    def start(self, deliver: InputSink) -> None:  # noqa: B027 - optional hook, default: no input
+    def start(self, deliver: InputSink) -> None:
         """Begin handing host input to ``deliver`` from a daemon thread (default: no input)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook, default: nothing held
+    def close(self) -> None:
         """Stop the reader thread and release files and sockets (default: nothing held)."""
 
 

@@ -31,7 +31,7 @@ def ioctl(fd: int, request: int, arg: Any = 0, what: str = "ioctl") -> int:
         return int(result)
     try:
         if isinstance(arg, int):
-            return fcntl.ioctl(fd, request, arg)
-        return fcntl.ioctl(fd, request, arg, True)
+            return int(fcntl.ioctl(fd, request, arg))
+        return int(fcntl.ioctl(fd, request, arg, True))
     except OSError as error:
         raise _failure(what, error.errno or 0) from None

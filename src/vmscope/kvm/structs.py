@@ -4,7 +4,6 @@ Names and field order follow the kernel headers exactly so a reader can check on
 the other; tests/unit/test_kvm_abi.py compares sizes and offsets with the real headers.
 """
 
-# ruff: noqa: N801  (kernel structure names are kept as in kvm.h)
 from __future__ import annotations
 
 import ctypes
@@ -346,4 +345,10 @@ class kvm_stats_header(ctypes.Structure):
 class kvm_stats_desc(ctypes.Structure):
     """Fixed part; the NUL-padded name of header.name_size bytes follows."""
 
-    _fields_ = [("flags", u32), ("exponent", ctypes.c_int16), ("size", u16), ("offset", u32), ("bucket_size", u32)]
+    _fields_ = [
+        ("flags", u32),
+        ("exponent", ctypes.c_int16),
+        ("size", u16),
+        ("offset", u32),
+        ("bucket_size", u32),
+    ]

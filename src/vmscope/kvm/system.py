@@ -98,4 +98,3 @@ class Kvm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-

@@ -53,7 +53,9 @@ class Vcpu:
         self.id = vcpu_id
         self.fd = fd
         #: the shared kvm_run page(s); the exit loop unpacks fields from it directly
-        self.run_buffer = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_buffer = mmap.mmap(
+            fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         #: a typed view of the same memory, for the less hot paths
         self.run_struct = s.kvm_run.from_buffer(self.run_buffer)
         #: KVM_RUN as a ready-made C-level callable: the exit loop calls it with no Python frame
@@ -77,12 +79,14 @@ class Vcpu:
     @property
     def synced_regs(self) -> s.kvm_regs:
         """General registers as of the last exit (needs enable_sync_regs)."""
-        return self.run_struct.s.regs.regs
+        regs: s.kvm_regs = self.run_struct.s.regs.regs
+        return regs
 
     @property
     def synced_sregs(self) -> s.kvm_sregs:
         """Special registers as of the last exit (needs enable_sync_regs with SREGS)."""
-        return self.run_struct.s.regs.sregs
+        sregs: s.kvm_sregs = self.run_struct.s.regs.sregs
+        return sregs
 
     def mark_synced_regs_dirty(self, mask: int = c.SYNC_X86_REGS) -> None:
         """Have the next KVM_RUN load the register sets edited in synced_regs/synced_sregs."""

@@ -55,7 +55,9 @@ def parse_size(text: str) -> int:
     try:
         number = int(value, 0)
     except ValueError:
-        raise ConfigError(f"invalid size {text!r}: expected a number with an optional K, M or G suffix") from None
+        raise ConfigError(
+            f"invalid size {text!r}: expected a number with an optional K, M or G suffix"
+        ) from None
     if number <= 0:
         raise ConfigError(f"invalid size {text!r}: must be positive")
     return number * scale

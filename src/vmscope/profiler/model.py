@@ -15,7 +15,8 @@ Filling it (the recorder side)
   over the guest code its exit samples point at, so sampling every exit or every Nth works.
 * Timeline: ``profile.spans.append(Span(track, name, start_ns, end_ns))``, tracks like ``"vcpu0"``
   or ``"io:virtio-blk0"``, names like ``"guest"`` or ``"exit:IO port 0x3f8 out"``.
-* Unhandled port/MMIO accesses: ``profile.record_unclaimed("pio"|"mmio", address, size, is_write)``.
+* Unhandled port/MMIO accesses: ``profile.record_unclaimed("pio"|"mmio", address, size, is_write,
+  count=1)``.
 * KVM binary stats at the end: ``profile.kvm_stats["vm"] = {...}``, ``["vcpu0"] = {...}``.
 * Symbols: append :class:`~vmscope.profiler.symbols.SymbolTable` objects (from
   :mod:`vmscope.profiler.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
@@ -166,6 +167,7 @@ class UnclaimedAccess:
 
     space: str  # "pio" | "mmio"
     address: int
+    #: access width in bytes, 0 when not recorded
     size: int
     is_write: bool
     count: int = 0
@@ -174,7 +176,8 @@ class UnclaimedAccess:
     def label(self) -> str:
         direction = "write" if self.is_write else "read"
         kind = "port" if self.space == "pio" else "mmio"
-        return f"{kind} {self.address:#x} {direction} size {self.size}"
+        size = f" size {self.size}" if self.size else ""  # 0: size not recorded
+        return f"{kind} {self.address:#x} {direction}{size}"
 
 
 @dataclass(eq=False)
@@ -225,8 +228,10 @@ class Profile:
                 histogram = self.guest_time.setdefault(vcpu, LatencyHistogram())
         return histogram
 
-    def record_unclaimed(self, space: str, address: int, size: int, is_write: bool) -> UnclaimedAccess:
-        """Count one access no device claimed; ``space`` is "pio" or "mmio"."""
+    def record_unclaimed(
+        self, space: str, address: int, size: int, is_write: bool, count: int = 1
+    ) -> UnclaimedAccess:
+        """Count ``count`` accesses no device claimed; ``space`` is "pio" or "mmio", ``size`` 0 if unknown."""
         if space not in UNCLAIMED_SPACES:
             raise VmscopeError(f"unclaimed access: space {space!r} is not one of {UNCLAIMED_SPACES}")
         key = (space, address, size, is_write)
@@ -238,7 +243,7 @@ class Profile:
                 access = UnclaimedAccess(space, address, size, is_write)
                 self.unclaimed.append(access)
                 self._unclaimed_index[key] = access
-            access.count += 1
+            access.count += count
         return access
 
     # --- reading ---------------------------------------------------------------------------------
@@ -288,7 +293,7 @@ class Profile:
             columns["time_ns"].append(sample.time_ns)
             columns["cpl"].append(sample.cpl)
             columns["cr3"].append(sample.cr3)
-            columns["stack"].append(stacks.setdefault(sample.frames, len(stacks)))
+            columns["stack"].append(stacks.setdefault(tuple(sample.frames), len(stacks)))
             columns["origin"].append(sample.origin)
             key = sample.exit_key
             columns["exit"].append(-1 if key is None else exit_keys.setdefault(key, len(exit_keys)))

@@ -274,8 +274,8 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
     for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
         for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
             for (address, size), count in counter.items():
-                access = profile.record_unclaimed(space, address, size, is_write)
-                access.count += count - 1
+                unclaimed = profile.record_unclaimed(space, address, size, is_write)
+                unclaimed.count += count - 1
     try:
         for name, values in machine.kvm_stats().items():
             profile.kvm_stats[name] = dict(values)

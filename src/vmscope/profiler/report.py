@@ -412,7 +412,6 @@ def make_table(title: str, terminal: bool) -> Table:
         title_justify="left",
         title_style="bold" if terminal else "",
         box=box.SIMPLE_HEAD if terminal else box.ASCII2,
-        pad_edge=False,
     )
 
 

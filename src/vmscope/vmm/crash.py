@@ -79,7 +79,9 @@ class CrashReport:
             lines.append(f"  instruction bytes: {self.instruction_bytes.hex(' ')}")
         names = [n for n in GPR_ORDER if n in self.registers]
         for start in range(0, len(names), 4):
-            lines.append("  " + "  ".join(f"{n:>6}={self.registers[n]:016x}" for n in names[start : start + 4]))
+            lines.append(
+                "  " + "  ".join(f"{n:>6}={self.registers[n]:016x}" for n in names[start : start + 4])
+            )
         if self.control:
             lines.append("  " + "  ".join(f"{n}={v:#x}" for n, v in self.control.items()))
         if self.hint:
@@ -124,9 +126,13 @@ def build_crash_report(
         reason=reason,
         registers={name: int(getattr(regs, name)) for name in GPR_ORDER},
         control={
-            "cr0": sregs.cr0, "cr2": sregs.cr2, "cr3": sregs.cr3, "cr4": sregs.cr4, "efer": sregs.efer,
+            "cr0": sregs.cr0,
+            "cr2": sregs.cr2,
+            "cr3": sregs.cr3,
+            "cr4": sregs.cr4,
+            "efer": sregs.efer,
             "cs": sregs.cs.selector,
-        },  # fmt: skip
+        },
         mode=mode_name,
         cpl=sregs.cs.dpl if sregs.cr0 & 1 else 0,
         backend=backend,
@@ -156,7 +162,9 @@ def build_crash_report(
                 f"kernel mode; hide the feature from the guest with --cpu-features=-{feature}"
             )
         elif feature is not None and emulation_data is not None:
-            report.hint = f"{mnemonic} could not be emulated; --cpu-features=-{feature} hides it from the guest"
+            report.hint = (
+                f"{mnemonic} could not be emulated; --cpu-features=-{feature} hides it from the guest"
+            )
     else:
         report.instruction_bytes = code
     if backend == "kvm_pvm" and report.hint is None and emulation_data is not None:

@@ -358,7 +358,10 @@ class Machine:
             self._all_exited.set()
         else:
             # one vCPU ending ends the VM: the others would otherwise run on unobserved
-            self.request_stop(self._stop.reason if self._stop else "vCPU stopped", self._stop.exit_status if self._stop else 1)
+            self.request_stop(
+                self._stop.reason if self._stop else "vCPU stopped",
+                self._stop.exit_status if self._stop else 1,
+            )
 
     # -- statistics -------------------------------------------------------------------------
 

@@ -44,9 +44,7 @@ def install_platform_devices(
         machine.add_pio_device(debug_exit_port, 1, debug_exit)
     port80 = Port80()
     machine.add_pio_device(POST_PORT, 1, port80)
-    i8042 = I8042(
-        machine, machine.interrupt_line(I8042_KEYBOARD_IRQ), machine.interrupt_line(I8042_AUX_IRQ)
-    )
+    i8042 = I8042(machine, machine.interrupt_line(I8042_KEYBOARD_IRQ), machine.interrupt_line(I8042_AUX_IRQ))
     machine.add_pio_device(I8042_PORT, 5, i8042)
     high = sum(size for base, size in machine.memory.ranges() if base >= HIGH_RAM_START)
     cmos = Cmos(machine.memory.low_size, high, cpu_count=machine.cpu_count)

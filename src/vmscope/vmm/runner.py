@@ -37,7 +37,13 @@ _EXIT_UNION_OFFSET = 32
 
 # Exit keys are ints so the hot path hashes cheaply: reason << 56 | access << 52 | address.
 ACCESS_NONE, ACCESS_IN, ACCESS_OUT, ACCESS_READ, ACCESS_WRITE = 0, 1, 2, 3, 4
-ACCESS_NAMES = {ACCESS_NONE: "", ACCESS_IN: "in", ACCESS_OUT: "out", ACCESS_READ: "read", ACCESS_WRITE: "write"}
+ACCESS_NAMES = {
+    ACCESS_NONE: "",
+    ACCESS_IN: "in",
+    ACCESS_OUT: "out",
+    ACCESS_READ: "read",
+    ACCESS_WRITE: "write",
+}
 _IO_OUT_KEY = (c.ExitReason.IO << 56) | (ACCESS_OUT << 52)
 _IO_IN_KEY = (c.ExitReason.IO << 56) | (ACCESS_IN << 52)
 _MMIO_WRITE_KEY = (c.ExitReason.MMIO << 56) | (ACCESS_WRITE << 52)
@@ -112,7 +118,6 @@ class VcpuRunner:
         run = self.vcpu.run_struct
         reason = key >> 56
         address = key & ((1 << 52) - 1)
-        access = (key >> 52) & 0xF
         data = b""
         if reason == c.ExitReason.IO:
             io = run.exit.io
@@ -133,7 +138,9 @@ class VcpuRunner:
                 hook.errors += 1
                 if id(hook) not in self._hook_failures_logged:
                     self._hook_failures_logged.add(id(hook))
-                    log.exception("exit hook %r failed (further failures are counted, not logged)", hook.callback)
+                    log.exception(
+                        "exit hook %r failed (further failures are counted, not logged)", hook.callback
+                    )
 
     # -- thread control ---------------------------------------------------------------------
 
@@ -314,7 +321,9 @@ class VcpuRunner:
         if reason == c.ExitReason.IRQ_WINDOW_OPEN or reason == c.ExitReason.IOAPIC_EOI:
             return True
         if reason == c.ExitReason.SHUTDOWN:
-            machine.report_crash(self, "triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not handle")
+            machine.report_crash(
+                self, "triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not handle"
+            )
             return False
         if reason == c.ExitReason.FAIL_ENTRY:
             hw = run.exit.fail_entry.hardware_entry_failure_reason
