@@ -274,8 +274,7 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
     for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
         for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
             for (address, size), count in counter.items():
-                unclaimed = profile.record_unclaimed(space, address, size, is_write)
-                unclaimed.count += count - 1
+                profile.record_unclaimed(space, address, size, is_write, count=count)
     try:
         for name, values in machine.kvm_stats().items():
             profile.kvm_stats[name] = dict(values)
