@@ -1,3 +1,60 @@
-"""vmscope: a KVM virtual machine monitor in Python that shows where every cycle of a VM goes."""
+"""vmscope: a KVM virtual machine monitor in Python that shows where every cycle of a VM goes.
+
+The public API::
+
+    import vmscope
+
+    vm = vmscope.Machine(mem="256M", cpus=2)
+    vmscope.install_platform_devices(vm, serial="stdio")
+    vm.load("guest.elf", cmdline="console=ttyS0")
+    result = vm.run()
+
+See ``examples/`` for custom devices, exit hooks and profiling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Device",
+    "ExitEvent",
+    "InterruptLine",
+    "Machine",
+    "ProfileRecorder",
+    "RunResult",
+    "VmscopeError",
+    "__version__",
+    "install_platform_devices",
+]
+
+_EXPORTS = {
+    "Device": "vmscope.devices.base",
+    "InterruptLine": "vmscope.devices.base",
+    "ExitEvent": "vmscope.vmm.hooks",
+    "Machine": "vmscope.vmm.machine",
+    "RunResult": "vmscope.vmm.machine",
+    "ProfileRecorder": "vmscope.profiler.recorder",
+    "VmscopeError": "vmscope.errors",
+    "install_platform_devices": "vmscope.vmm.platform",
+}
+
+if TYPE_CHECKING:
+    from vmscope.devices.base import Device, InterruptLine
+    from vmscope.errors import VmscopeError
+    from vmscope.profiler.recorder import ProfileRecorder
+    from vmscope.vmm.hooks import ExitEvent
+    from vmscope.vmm.machine import Machine, RunResult
+    from vmscope.vmm.platform import install_platform_devices
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names lazily, so `import vmscope` stays cheap for the CLI."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmscope' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmscope.devices.base import Device
@@ -47,6 +48,8 @@ class Bus:
         self.unclaimed_reads: Counter[tuple[int, int]] = Counter()
         self.unclaimed_writes: Counter[tuple[int, int]] = Counter()
         self.device_errors: Counter[str] = Counter()
+        #: called after a device failure is logged; the machine uses it to stop in strict mode
+        self.on_device_error: Callable[[Device, Exception], None] | None = None
 
     # -- registration ---------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class Bus:
     def _device_failed(self, device: Device, access: str, address: int, error: Exception) -> None:
         self.device_errors[device.name] += 1
         log.error("device %s: %s at %s %#x failed: %s", device.name, access, self.name, address, error)
+        if self.on_device_error is not None:
+            self.on_device_error(device, error)
 
 
 class PioBus(Bus):

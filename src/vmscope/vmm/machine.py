@@ -31,6 +31,7 @@ from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu
 from vmscope.kvm import structs as s
 from vmscope.loader import GuestKind, LoadedGuest, load_guest
 from vmscope.memory.guest_memory import GuestMemory, parse_size
+from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
@@ -94,7 +95,10 @@ class Machine:
         *,
         cpu_features: str = "",
         kvm_device: str = "/dev/kvm",
+        strict_devices: bool = False,
     ) -> None:
+        """``strict_devices``: a device model that raises stops the VM (status 1) instead of
+        being logged and answered with all-ones while the guest runs on."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
         self.kvm = Kvm(kvm_device)
         self.kvm.require(*REQUIRED_CAPS)
@@ -115,6 +119,8 @@ class Machine:
 
         self.pio_bus = PioBus()
         self.mmio_bus = MmioBus()
+        if strict_devices:
+            self.pio_bus.on_device_error = self.mmio_bus.on_device_error = self._stop_on_device_error
         self._irq_lines: dict[int, KvmIrqLine] = {}
         self._device_mappings: list[DeviceMapping] = []
 
@@ -197,6 +203,63 @@ class Machine:
         """Name of the device claiming ``address`` on ``bus`` ("pio" or "mmio"), for reports."""
         found = (self.pio_bus if bus == "pio" else self.mmio_bus).lookup(address)
         return found[0].name if found else None
+
+    def _stop_on_device_error(self, device: Device, error: Exception) -> None:
+        self.request_stop(f"device {device.name} failed: {error}", 1)
+
+    # -- guest state (memory anywhere; registers while paused or before start) --------------
+
+    def read_physical(self, address: int, length: int) -> bytes:
+        return self.memory.read(address, length)
+
+    def write_physical(self, address: int, data: bytes) -> None:
+        self.memory.write(address, data)
+
+    def _paging_mode(self, vcpu: int) -> PagingMode:
+        sregs = self._stopped_vcpu(vcpu).get_sregs()
+        return PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+
+    def read_virtual(self, address: int, length: int, *, vcpu: int = 0) -> bytes:
+        """Read through ``vcpu``'s page tables (the VM must be paused or not yet started)."""
+        return read_virtual(self.memory, self._paging_mode(vcpu), address, length)
+
+    def write_virtual(self, address: int, data: bytes, *, vcpu: int = 0) -> None:
+        write_virtual(self.memory, self._paging_mode(vcpu), address, data)
+
+    def _stopped_vcpu(self, vcpu: int) -> Vcpu:
+        if self._closed:
+            raise ConfigError("this machine is closed; create a new Machine")
+        if not 0 <= vcpu < len(self.runners):
+            raise ConfigError(f"vCPU {vcpu} does not exist: this machine has {len(self.runners)}")
+        runner = self.runners[vcpu]
+        if self.running and not runner.paused.is_set() and not runner.exited.is_set():
+            raise ConfigError(f"vCPU {vcpu} is running: pause() the machine before touching its registers")
+        return runner.vcpu
+
+    def get_registers(self, vcpu: int = 0) -> dict[str, int]:
+        """General registers, rip, rflags and control registers of a stopped vCPU."""
+        target = self._stopped_vcpu(vcpu)
+        regs, sregs = target.get_regs(), target.get_sregs()
+        values = {field[0]: int(getattr(regs, field[0])) for field in regs._fields_}
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            values[name] = int(getattr(sregs, name))
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            values[name] = int(getattr(sregs, name).selector)
+        return values
+
+    def set_registers(self, vcpu: int = 0, **values: int) -> None:
+        """Change general registers / rip / rflags of a stopped vCPU, e.g. ``set_registers(0, rax=1)``."""
+        target = self._stopped_vcpu(vcpu)
+        regs = target.get_regs()
+        known = {field[0] for field in regs._fields_}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown register(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}"
+            )
+        for name, value in values.items():
+            setattr(regs, name, value)
+        target.set_regs(regs)
 
     # -- guest ------------------------------------------------------------------------------
 
