@@ -122,9 +122,8 @@ def test_strict_devices_stop_the_vm_on_a_device_error(tmp_path: Path) -> None:
     ],
 )
 def test_examples_run(script: str, expected: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script)],
-        capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, str(ROOT / "examples" / script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout

@@ -254,9 +254,8 @@ class Machine:
         known = {field[0] for field in regs._fields_}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown register(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}"
-            )
+            expected = ", ".join(sorted(known))
+            raise ConfigError(f"unknown register(s) {', '.join(unknown)}: expected {expected}")
         for name, value in values.items():
             setattr(regs, name, value)
         target.set_regs(regs)
