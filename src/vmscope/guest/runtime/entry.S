@@ -107,6 +107,48 @@ exception_common:
     hlt
     jmp 2b
 
+/* ---- external interrupts: stubs for vectors 32-255, 16 bytes apart (see set_interrupt_handler) ----
+ * Short on purpose: on PVM hosts every instruction of an interrupt at CPL0 is emulated. Only the
+ * caller-saved registers are kept; the C handler preserves the rest. */
+    .balign 16
+    .globl interrupt_stubs
+interrupt_stubs:
+    .set vector, 32
+    .rept 224
+    .balign 16
+    pushq $vector
+    jmp interrupt_common
+    .set vector, vector + 1
+    .endr
+
+interrupt_common:
+    /* The CPU aligned rsp to 16 before its 5-word frame; the vector and these 10 pushes keep it
+     * 16-byte aligned at the call, as the ABI wants. */
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %rbp
+    movq 80(%rsp), %rdi                   /* the vector: the handler's argument */
+    call *interrupt_handlers(, %rdi, 8)
+    popq %rbp
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $8, %rsp                         /* the vector */
+    iretq
+
 /* ---- user mode ---- */
 
 /* long run_in_user_mode(long (*fn)(void *), void *arg): iretq to CPL3, come back through #UD */

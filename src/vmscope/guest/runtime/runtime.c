@@ -1,5 +1,7 @@
 /*
- * vmscope guest runtime services: CPU tables, serial console, formatting, options, user mode.
+ * vmscope guest runtime services: CPU tables, serial console, formatting, options, user mode,
+ * interrupt handlers and the legacy PC timer/interrupt hardware (8259 PIC, 8254 PIT, CMOS RTC,
+ * local APIC).
  *
  * runtime_start() runs at CPL0 right after entry.S switched to long mode. Keep what runs at CPL0
  * short: on software-virtualization hosts every CPL0 instruction is emulated (hundreds of ns).
@@ -8,7 +10,8 @@
 
 #define KERNEL_CS 0x08
 #define TSS_SELECTOR 0x28
-#define IDT_ENTRIES 32
+#define IDT_ENTRIES 256
+#define FIRST_EXTERNAL_VECTOR 32
 
 #define COM1_THR 0
 #define COM1_IER 1
@@ -23,6 +26,7 @@
 extern uint64_t runtime_start_info_paddr;
 extern uint64_t gdt_tss_descriptor[2];
 extern char exception_stubs[];
+extern char interrupt_stubs[];
 extern char exception_stack_top[];
 extern char invalid_opcode_entry[];
 extern void user_halt(void);
@@ -61,7 +65,10 @@ static struct tss64 runtime_tss __attribute__((aligned(16))) = {
     .iomap_base = __builtin_offsetof(struct tss64, iomap),
     .iomap = {[0 ... 8192] = 0xff},
 };
+/* Vectors 32-255 start not present: an interrupt nobody asked for raises #NP, which reports it. */
 static struct idt_gate runtime_idt[IDT_ENTRIES] __attribute__((aligned(16)));
+/* Read by interrupt_common in entry.S; only vectors with a present gate are ever looked up. */
+interrupt_handler interrupt_handlers[IDT_ENTRIES];
 static const struct hvm_start_info *runtime_start_info;
 static char runtime_cmdline[CMDLINE_MAX];
 static unsigned serial_fifo_depth = 1;
@@ -101,6 +108,21 @@ static void setup_tss(void)
                             | (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
     gdt_tss_descriptor[1] = base >> 32;
     __asm__ volatile("ltr %w0" ::"r"(TSS_SELECTOR));
+}
+
+int set_interrupt_handler(uint8_t vector, interrupt_handler handler)
+{
+    if (vector < FIRST_EXTERNAL_VECTOR)
+        return -1;
+    if (!handler) {
+        runtime_idt[vector].type_attr = 0; /* not present */
+        interrupt_handlers[vector] = NULL;
+        return 0;
+    }
+    interrupt_handlers[vector] = handler;
+    __asm__ volatile("" ::: "memory"); /* the handler first, then the gate that leads to it */
+    set_gate(vector, interrupt_stubs + 16 * (vector - FIRST_EXTERNAL_VECTOR));
+    return 0;
 }
 
 void allow_user_port_io(uint16_t first, uint32_t count)
@@ -363,6 +385,109 @@ int option_flag(const char *cmdline, const char *key, int fallback)
            word_equals(v, len, "true");
 }
 
+/* ---- 8259 PIC, 8254 PIT, CMOS RTC, local APIC ---- */
+
+#define PIC_ICW1_INIT_ICW4 0x11 /* edge triggered, cascaded, ICW4 follows */
+#define PIC_ICW4_8086 0x01
+#define PIC_OCW3_READ_ISR 0x0b
+#define PIT_COMMAND 0x43
+#define PIT_CHANNEL0 0x40
+#define PIT_CHANNEL2 0x42
+#define PORT_61 0x61            /* bit 0: PIT channel 2 gate, bit 1: speaker, bit 5: channel 2 output */
+
+void pic_remap(uint8_t master_base, uint8_t slave_base)
+{
+    outb(PIC_MASTER_COMMAND, PIC_ICW1_INIT_ICW4);
+    outb(PIC_SLAVE_COMMAND, PIC_ICW1_INIT_ICW4);
+    outb(PIC_MASTER_DATA, master_base); /* ICW2: vector of IRQ 0 */
+    outb(PIC_SLAVE_DATA, slave_base);   /* ICW2: vector of IRQ 8 */
+    outb(PIC_MASTER_DATA, 1u << 2);     /* ICW3: slave on IRQ 2 */
+    outb(PIC_SLAVE_DATA, 2);            /* ICW3: cascade identity */
+    outb(PIC_MASTER_DATA, PIC_ICW4_8086);
+    outb(PIC_SLAVE_DATA, PIC_ICW4_8086);
+    pic_set_mask(0xffff);
+}
+
+void pic_set_mask(uint16_t mask)
+{
+    outb(PIC_MASTER_DATA, (uint8_t)mask);
+    outb(PIC_SLAVE_DATA, (uint8_t)(mask >> 8));
+}
+
+uint16_t pic_in_service(void)
+{
+    outb(PIC_MASTER_COMMAND, PIC_OCW3_READ_ISR);
+    outb(PIC_SLAVE_COMMAND, PIC_OCW3_READ_ISR);
+    uint16_t isr = (uint16_t)(inb(PIC_MASTER_COMMAND) | (inb(PIC_SLAVE_COMMAND) << 8));
+    outb(PIC_MASTER_COMMAND, 0x0a); /* back to reading the IRR, the power-on default */
+    outb(PIC_SLAVE_COMMAND, 0x0a);
+    return isr;
+}
+
+uint32_t pit_start_periodic(uint32_t hz)
+{
+    if (hz == 0)
+        return 0;
+    uint32_t divisor = (PIT_FREQUENCY_HZ + hz / 2) / hz;
+    if (divisor < 2 || divisor > 0xffff)
+        return 0;
+    outb(PIT_COMMAND, 0x34); /* channel 0, low then high byte, mode 2 (rate generator), binary */
+    outb(PIT_CHANNEL0, (uint8_t)divisor);
+    outb(PIT_CHANNEL0, (uint8_t)(divisor >> 8));
+    return divisor;
+}
+
+void pit_delay_us(uint32_t us)
+{
+    /* Channel 2 in mode 0 (its output rises at terminal count), polled through port 0x61: no
+     * interrupt, and channel 0 stays free for the guest. At most 50 ms per programming. */
+    while (us) {
+        uint32_t chunk = us > 50000 ? 50000 : us;
+        uint32_t count = (uint32_t)(((uint64_t)chunk * PIT_FREQUENCY_HZ + 999999) / 1000000);
+        outb(PORT_61, (uint8_t)((inb(PORT_61) & ~0x02u) | 0x01u)); /* gate on, speaker off */
+        outb(PIT_COMMAND, 0xb0); /* channel 2, low then high byte, mode 0, binary */
+        outb(PIT_CHANNEL2, (uint8_t)count);
+        outb(PIT_CHANNEL2, (uint8_t)(count >> 8));
+        while (!(inb(PORT_61) & 0x20))
+            cpu_relax();
+        us -= chunk;
+    }
+}
+
+uint8_t cmos_read(uint8_t reg)
+{
+    outb(CMOS_INDEX_PORT, reg & 0x7f);
+    return inb(CMOS_DATA_PORT);
+}
+
+static void ignore_spurious_interrupt(uint8_t vector)
+{
+    (void)vector; /* a spurious LAPIC interrupt takes no EOI */
+}
+
+int lapic_enable(void)
+{
+    uint64_t apic_base = rdmsr(MSR_IA32_APIC_BASE);
+    /* The runtime maps only the default base (uncached); a moved or disabled APIC is not used. */
+    if ((apic_base & 0xfffff000u) != LAPIC_DEFAULT_BASE || !(apic_base & (1u << 11)))
+        return -1;
+    set_interrupt_handler(LAPIC_SPURIOUS_VECTOR, ignore_spurious_interrupt);
+    lapic_write(LAPIC_SVR, 0x100u | LAPIC_SPURIOUS_VECTOR);
+    return 0;
+}
+
+int lapic_send_ipi(uint8_t destination, uint32_t icr_low)
+{
+    lapic_write(LAPIC_ICR_HIGH, (uint32_t)destination << 24);
+    lapic_write(LAPIC_ICR_LOW, icr_low); /* this write sends it */
+    for (uint32_t polls = 0; polls < 100000; polls++) {
+        if (!(lapic_read(LAPIC_ICR_LOW) & LAPIC_ICR_DELIVERY_PENDING))
+            return 0;
+        cpu_relax();
+    }
+    return -1;
+}
+
 /* ---- start info ---- */
 
 const struct hvm_start_info *start_info(void) { return runtime_start_info; }
@@ -417,6 +542,9 @@ void runtime_exception(const struct exception_frame *frame)
     serial_fifo_room = 0;
     printf("\nvmscope-guest: exception %lu (%s) error 0x%lx at rip 0x%lx (cpl %lu)\n", frame->vector,
            exception_names[frame->vector & 31], frame->error_code, frame->rip, frame->cs & 3);
+    if (frame->vector == 11 && (frame->error_code & 2)) /* #NP on an IDT gate */
+        printf("  interrupt vector %lu arrived and has no handler (set_interrupt_handler)\n",
+               (frame->error_code >> 3) & 0xff);
     printf("  rsp 0x%lx rbp 0x%lx cr2 0x%lx rax 0x%lx rdi 0x%lx rsi 0x%lx\n", frame->rsp, frame->rbp, cr2,
            frame->rax, frame->rdi, frame->rsi);
     /* frame-pointer backtrace, trusting only aligned addresses inside the identity map */

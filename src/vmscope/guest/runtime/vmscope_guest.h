@@ -85,6 +85,14 @@ static inline uint64_t rdtsc(void)
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
 }
+/* CPL0 only */
+static inline uint64_t rdmsr(uint32_t msr)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 /* Current privilege level (0 or 3), from the low bits of CS. */
 static inline unsigned current_cpl(void)
 {
@@ -124,6 +132,104 @@ void allow_user_port_io(uint16_t first, uint32_t count);
 /* Run fn(arg) at CPL3 on the user stack and return its result (the way back is a `ud2`
  * the #UD handler recognises). fn may also end the run itself with debug_exit(). Call at CPL0; not reentrant. */
 long run_in_user_mode(long (*fn)(void *), void *arg);
+
+/* ---- interrupts (CPL0) ----
+ * The runtime runs with interrupts off (run_in_user_mode() too: CPL3 code is never interrupted).
+ * A handler runs on the interrupted stack with interrupts off and must send the EOI its interrupt
+ * controller needs (pic_eoi, lapic_eoi). A vector without a handler that arrives anyway ends the
+ * run with an exception report (#NP naming the vector). */
+typedef void (*interrupt_handler)(uint8_t vector);
+/* Call handler(vector) for interrupts on vector (32-255); NULL removes it. Returns -1 for an
+ * exception vector (0-31), else 0. */
+int set_interrupt_handler(uint8_t vector, interrupt_handler handler);
+static inline void interrupts_enable(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void interrupts_disable(void) { __asm__ volatile("cli" ::: "memory"); }
+/* Enable interrupts and halt until one arrives (sti's one-instruction shadow closes the race);
+ * interrupts stay enabled afterwards. */
+static inline void wait_for_interrupt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
+/* Halt with interrupts off, for good (an AP or a finished CPU parks here). */
+__attribute__((noreturn)) static inline void park_cpu(void)
+{
+    for (;;)
+        __asm__ volatile("cli; hlt" ::: "memory");
+}
+
+/* ---- 8259 PIC pair ----
+ * After reset KVM's PIC delivers IRQ n on vector n, on top of the CPU exceptions: remap it
+ * before enabling interrupts. */
+#define PIC_MASTER_COMMAND 0x20
+#define PIC_MASTER_DATA 0x21
+#define PIC_SLAVE_COMMAND 0xa0
+#define PIC_SLAVE_DATA 0xa1
+/* Initialize both PICs (ICW1-ICW4, edge triggered, slave on IRQ 2) with IRQ 0-7 on vectors
+ * master_base.. and IRQ 8-15 on slave_base..; leaves every IRQ masked. */
+void pic_remap(uint8_t master_base, uint8_t slave_base);
+/* Bit n set = IRQ n masked (bits 8-15: the slave). */
+void pic_set_mask(uint16_t mask);
+/* The in-service register of both PICs (bit n = IRQ n being handled). */
+uint16_t pic_in_service(void);
+/* Non-specific EOI for irq, to the slave too for IRQ 8-15. */
+static inline void pic_eoi(unsigned irq)
+{
+    if (irq >= 8)
+        outb(PIC_SLAVE_COMMAND, 0x20);
+    outb(PIC_MASTER_COMMAND, 0x20);
+}
+
+/* ---- 8254 PIT (IRQ 0) ---- */
+#define PIT_FREQUENCY_HZ 1193182u
+/* Channel 0 in mode 2 (rate generator) at about hz: returns the divisor programmed
+ * (PIT_FREQUENCY_HZ / hz, rounded), or 0 when hz is out of range (19 Hz to 596591 Hz). */
+uint32_t pit_start_periodic(uint32_t hz);
+/* Busy-wait at least us microseconds on channel 2 (polled through port 0x61, no interrupt). */
+void pit_delay_us(uint32_t us);
+
+/* ---- CMOS RTC ---- */
+#define CMOS_INDEX_PORT 0x70
+#define CMOS_DATA_PORT 0x71     /* reads the register last selected at CMOS_INDEX_PORT */
+#define CMOS_RTC_SECONDS 0x00
+uint8_t cmos_read(uint8_t reg);
+
+/* ---- local APIC (xAPIC, MMIO at the default base; the runtime maps it uncached) ---- */
+#define MSR_IA32_APIC_BASE 0x1b
+#define LAPIC_DEFAULT_BASE 0xfee00000u
+#define LAPIC_ID 0x020             /* bits 31:24 */
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0            /* spurious vector; bit 8 enables the APIC */
+#define LAPIC_ICR_LOW 0x300
+#define LAPIC_ICR_HIGH 0x310       /* bits 31:24: destination APIC id */
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_TIMER_INITIAL 0x380
+#define LAPIC_TIMER_CURRENT 0x390
+#define LAPIC_TIMER_DIVIDE 0x3e0
+#define LAPIC_SPURIOUS_VECTOR 0xff
+/* ICR low word */
+#define LAPIC_ICR_INIT (5u << 8)
+#define LAPIC_ICR_STARTUP (6u << 8)             /* low byte: the start page number */
+#define LAPIC_ICR_DELIVERY_PENDING (1u << 12)
+#define LAPIC_ICR_ASSERT (1u << 14)
+#define LAPIC_ICR_LEVEL (1u << 15)
+#define LAPIC_ICR_ALL_EXCLUDING_SELF (3u << 18)
+/* LVT timer */
+#define LAPIC_TIMER_PERIODIC (1u << 17)
+#define LAPIC_LVT_MASKED (1u << 16)
+static inline uint32_t lapic_read(uint32_t reg)
+{
+    return *(volatile uint32_t *)(uintptr_t)(LAPIC_DEFAULT_BASE + reg);
+}
+static inline void lapic_write(uint32_t reg, uint32_t value)
+{
+    *(volatile uint32_t *)(uintptr_t)(LAPIC_DEFAULT_BASE + reg) = value;
+}
+static inline uint8_t lapic_id(void) { return (uint8_t)(lapic_read(LAPIC_ID) >> 24); }
+static inline void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
+/* Software-enable this CPU's LAPIC (spurious vector 0xff, handled as a no-op). Returns -1 when
+ * the APIC is disabled or not at the default base (IA32_APIC_BASE), else 0. */
+int lapic_enable(void);
+/* Send an IPI (icr_low: vector, delivery mode, shorthand...) and wait for its delivery-status bit
+ * to clear. Returns 0, or -1 when it stayed pending for 100000 polls. */
+int lapic_send_ipi(uint8_t destination, uint32_t icr_low);
 
 /* ---- provided by the guest ---- */
 int guest_main(const char *cmdline);
