@@ -1,0 +1,407 @@
+"""Split virtqueues (virtio 1.2 section 2.7), read and written through ``GuestMemory``.
+
+The driver owns the descriptor table and the available ring, the device owns the used
+ring. Everything read from the first two is untrusted: head indexes, ``next`` links,
+buffer addresses and lengths, indirect tables and the available index are all checked,
+and anything malformed raises :class:`VirtqueueError`, which the device turns into
+DEVICE_NEEDS_RESET. No check here can be bypassed by rewriting guest memory while a
+chain is walked: each descriptor is copied out once and only the copy is used.
+
+Memory ordering: the available ``idx`` is read once per batch (``pop`` only re-reads it
+when every entry seen so far has been consumed), and ``push_used`` stores the used
+element before the used ``idx``. Python stores to the mmap happen in program order and
+x86 keeps stores (and loads) in order, so no explicit fence is needed on this host.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vmscope.errors import DeviceError, GuestMemoryError
+from vmscope.memory.guest_memory import GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESCRIPTOR_SIZE = 16
+#: the largest queue size the split ring format allows
+MAX_QUEUE_SIZE = 32768
+#: indirect tables larger than this are refused (Linux never builds one near it; IOV_MAX)
+MAX_INDIRECT_DESCRIPTORS = 1024
+#: default cap on the bytes one chain may describe; a device may choose another
+DEFAULT_MAX_CHAIN_BYTES = 64 << 20
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(DeviceError):
+    """The driver put something malformed in a virtqueue; the device must be reset."""
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorChain:
+    """One available buffer: its head index and its device-readable / device-writable parts.
+
+    ``readable`` and ``writable`` are (guest-physical address, length) pairs in chain order,
+    each already checked to lie inside guest RAM; zero-length descriptors are left out.
+    """
+
+    head: int
+    readable: tuple[tuple[int, int], ...]
+    writable: tuple[tuple[int, int], ...]
+    #: descriptors walked, indirect table entries and zero-length ones included
+    descriptor_count: int = 0
+
+    @property
+    def readable_length(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(length for _, length in self.writable)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True when ``event_idx`` lies in (old_idx, new_idx], modulo 2**16 (the spec's vring_need_event)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+class Virtqueue:
+    """Device side of one split virtqueue.
+
+    The transport writes ``size``, the three area addresses and finally calls
+    :meth:`activate`; the device then calls :meth:`pop` / :meth:`push_used` /
+    :meth:`needs_notification`. All state lives here so :meth:`reset` returns the queue to
+    the power-on state.
+    """
+
+    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
+        if not is_power_of_two(max_size) or max_size > MAX_QUEUE_SIZE:
+            raise DeviceError(f"virtqueue {index}: maximum size {max_size} is not a power of two <= 32768")
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.max_chain_bytes = DEFAULT_MAX_CHAIN_BYTES
+        # negotiated features, set by the device when the driver sets DRIVER_OK / activates
+        self.indirect_enabled = False
+        self.event_idx_enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._avail_idx_seen = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._unsignalled = 0
+        #: counters for statistics
+        self.popped = 0
+        self.notifications_sent = 0
+        self.notifications_suppressed = 0
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def validate_layout(self) -> None:
+        """Check size, alignment and that the three areas lie in guest RAM (VirtqueueError if not)."""
+        size = self.size
+        if not is_power_of_two(size) or size > self.max_size:
+            raise VirtqueueError(
+                f"queue {self.index}: size {size} is not a power of two between 1 and {self.max_size}"
+            )
+        areas = (
+            ("descriptor table", self.desc_addr, DESCRIPTOR_SIZE * size, 16),
+            ("available ring", self.avail_addr, 6 + 2 * size, 2),
+            ("used ring", self.used_addr, 6 + 8 * size, 4),
+        )
+        for what, address, length, alignment in areas:
+            if address % alignment:
+                raise VirtqueueError(
+                    f"queue {self.index}: {what} at {address:#x} is not {alignment}-byte aligned"
+                )
+            if not self.memory.contains(address, length):
+                raise VirtqueueError(
+                    f"queue {self.index}: {what} {address:#x}+{length:#x} is outside guest RAM"
+                )
+
+    def activate(self) -> None:
+        """Validate the layout and start using the queue (the driver wrote QueueReady = 1)."""
+        self.validate_layout()
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._avail_idx_seen = 0
+        self._signalled_valid = False
+        self._unsignalled = 0
+        self.ready = True
+
+    # -- available ring ------------------------------------------------------------------------
+
+    def _read_avail_idx(self) -> int:
+        try:
+            avail_idx = self.memory.read_u16(self.avail_addr + 2)
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: available ring unreadable: {error}") from None
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(
+                f"queue {self.index}: available idx {avail_idx} is {pending} entries ahead of "
+                f"{self.last_avail_idx}, more than the queue size {self.size}"
+            )
+        return avail_idx
+
+    def has_available(self) -> bool:
+        """True when the driver has made a chain available that :meth:`pop` has not returned."""
+        if self._avail_idx_seen != self.last_avail_idx:
+            return True
+        self._avail_idx_seen = self._read_avail_idx()
+        return self._avail_idx_seen != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None when the ring is empty.
+
+        With VIRTIO_F_EVENT_IDX, an empty ring publishes ``avail_event`` (so the driver
+        notifies on its next buffer) and re-checks once to close the race with a driver
+        that added one meanwhile.
+        """
+        if not self.ready:
+            return None
+        if self._avail_idx_seen == self.last_avail_idx:
+            self._avail_idx_seen = self._read_avail_idx()
+            if self._avail_idx_seen == self.last_avail_idx:
+                if not self.event_idx_enabled:
+                    return None
+                self._write_avail_event(self.last_avail_idx)
+                self._avail_idx_seen = self._read_avail_idx()
+                if self._avail_idx_seen == self.last_avail_idx:
+                    return None
+        slot = self.last_avail_idx % self.size
+        try:
+            head = self.memory.read_u16(self.avail_addr + 4 + 2 * slot)
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: available ring unreadable: {error}") from None
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.popped += 1
+        return self._walk(head)
+
+    def unpop(self) -> None:
+        """Give the most recently popped chain back (e.g. a received frame did not fit)."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        self.popped -= 1
+
+    def _write_avail_event(self, value: int) -> None:
+        address = self.used_addr + 4 + 8 * self.size
+        try:
+            self.memory.write_u16(address, value)
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: used ring unwritable: {error}") from None
+
+    def _walk(self, head: int) -> DescriptorChain:
+        """Follow a chain from ``head``, validating every descriptor (see the module docstring)."""
+        index_name = f"queue {self.index}: chain at head {head}"
+        if head >= self.size:
+            raise VirtqueueError(f"{index_name}: head index is outside the descriptor table of {self.size}")
+        memory = self.memory
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        table_addr, table_size = self.desc_addr, self.size
+        in_indirect = False
+        limit = self.size  # a chain can never be longer than the table it lives in: more is a loop
+        walked = total_walked = 0
+        total_bytes = 0
+        seen_writable = False
+        index = head
+        while True:
+            if index >= table_size:
+                where = "indirect table" if in_indirect else "descriptor table"
+                raise VirtqueueError(
+                    f"{index_name}: next index {index} is outside the {where} of {table_size}"
+                )
+            walked += 1
+            total_walked += 1
+            if walked > limit:
+                raise VirtqueueError(
+                    f"{index_name}: chain is longer than the {limit} descriptors of its table (a loop?)"
+                )
+            try:
+                raw = memory.read(table_addr + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
+            except GuestMemoryError as error:
+                raise VirtqueueError(f"{index_name}: descriptor {index} unreadable: {error}") from None
+            address, length, flags, next_index = _DESCRIPTOR.unpack(raw)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise VirtqueueError(f"{index_name}: indirect descriptor inside an indirect table")
+                if not self.indirect_enabled:
+                    raise VirtqueueError(
+                        f"{index_name}: indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated"
+                    )
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"{index_name}: descriptor {index} has both INDIRECT and NEXT")
+                if length == 0 or length % DESCRIPTOR_SIZE:
+                    raise VirtqueueError(
+                        f"{index_name}: indirect table length {length} is not a non-zero multiple of 16"
+                    )
+                entries = length // DESCRIPTOR_SIZE
+                if entries > MAX_INDIRECT_DESCRIPTORS:
+                    raise VirtqueueError(
+                        f"{index_name}: indirect table of {entries} descriptors "
+                        f"exceeds {MAX_INDIRECT_DESCRIPTORS}"
+                    )
+                if address % DESCRIPTOR_SIZE or not memory.contains(address, length):
+                    raise VirtqueueError(
+                        f"{index_name}: indirect table {address:#x}+{length:#x} "
+                        "is misaligned or outside guest RAM"
+                    )
+                # the WRITE flag of the descriptor naming the table is ignored, as the spec requires
+                table_addr, table_size, limit = address, entries, entries
+                in_indirect = True
+                walked = 0
+                index = 0
+                continue
+            if length:
+                if not memory.contains(address, length):
+                    raise VirtqueueError(
+                        f"{index_name}: buffer {address:#x}+{length:#x} is outside guest RAM"
+                    )
+                total_bytes += length
+                if total_bytes > self.max_chain_bytes:
+                    raise VirtqueueError(
+                        f"{index_name}: buffers add up to more than {self.max_chain_bytes} bytes"
+                    )
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
+                if length:
+                    writable.append((address, length))
+            else:
+                if seen_writable:
+                    raise VirtqueueError(
+                        f"{index_name}: device-readable descriptor after a device-writable one"
+                    )
+                if length:
+                    readable.append((address, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            index = next_index
+        return DescriptorChain(head, tuple(readable), tuple(writable), total_walked)
+
+    # -- used ring -----------------------------------------------------------------------------
+
+    def push_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver, ``written`` bytes filled in its writable part."""
+        slot = self.used_idx % self.size
+        new_idx = (self.used_idx + 1) & 0xFFFF
+        try:
+            # element first, index second: the driver must never see an index ahead of its element
+            self.memory.write(self.used_addr + 4 + 8 * slot, _USED_ELEM.pack(head, written & 0xFFFF_FFFF))
+            self.memory.write_u16(self.used_addr + 2, new_idx)
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: used ring unwritable: {error}") from None
+        self.used_idx = new_idx
+        self._unsignalled += 1
+
+    @property
+    def unsignalled(self) -> int:
+        """Used entries pushed since the last :meth:`needs_notification` call."""
+        return self._unsignalled
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification for what was pushed since the last call.
+
+        Without EVENT_IDX the driver's VIRTQ_AVAIL_F_NO_INTERRUPT flag decides; with it,
+        ``used_event`` does, via :func:`vring_need_event` against the used index at the
+        previous notification decision.
+        """
+        if self._unsignalled == 0:
+            return False
+        self._unsignalled = 0
+        new = self.used_idx
+        try:
+            if self.event_idx_enabled:
+                old, valid = self._signalled_used, self._signalled_valid
+                self._signalled_used, self._signalled_valid = new, True
+                used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size)
+                notify = not valid or vring_need_event(used_event, new, old)
+            else:
+                notify = not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: available ring unreadable: {error}") from None
+        if notify:
+            self.notifications_sent += 1
+        else:
+            self.notifications_suppressed += 1
+        return notify
+
+
+# -- buffer access helpers -----------------------------------------------------------------------
+
+
+def gather(
+    memory: GuestMemory, buffers: Sequence[tuple[int, int]], offset: int = 0, length: int | None = None
+) -> bytes:
+    """Bytes ``offset`` .. ``offset + length`` of the concatenation of ``buffers`` (fewer at the end)."""
+    parts = []
+    remaining = -1 if length is None else length
+    for address, size in buffers:
+        if remaining == 0:
+            break
+        if offset >= size:
+            offset -= size
+            continue
+        take = size - offset if remaining < 0 else min(size - offset, remaining)
+        parts.append(memory.read(address + offset, take))
+        offset = 0
+        if remaining > 0:
+            remaining -= take
+    return b"".join(parts)
+
+
+def scatter(memory: GuestMemory, buffers: Sequence[tuple[int, int]], data: bytes, offset: int = 0) -> int:
+    """Write ``data`` at ``offset`` into the concatenation of ``buffers``; returns bytes written."""
+    view = memoryview(data)
+    written = 0
+    for address, size in buffers:
+        if not view:
+            break
+        if offset >= size:
+            offset -= size
+            continue
+        take = min(size - offset, len(view))
+        memory.write(address + offset, view[:take])
+        view = view[take:]
+        written += take
+        offset = 0
+    return written
+
+
+def slice_buffers(buffers: Iterable[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:
+    """The (address, length) pieces covering ``length`` bytes from ``offset`` of ``buffers``."""
+    pieces = []
+    for address, size in buffers:
+        if length <= 0:
+            break
+        if offset >= size:
+            offset -= size
+            continue
+        take = min(size - offset, length)
+        pieces.append((address + offset, take))
+        length -= take
+        offset = 0
+    return pieces
+
+
+def buffer_views(memory: GuestMemory, pieces: Iterable[tuple[int, int]]) -> list[memoryview]:
+    """Zero-copy writable views of guest RAM for ``os.preadv`` / ``os.pwritev``; release them after use."""
+    return [memory.view(address, length) for address, length in pieces]
