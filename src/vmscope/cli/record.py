@@ -87,10 +87,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"time-sample rate per vCPU (default {DEFAULT_FREQUENCY_HZ:g}; 0 = exit samples only)",
     )  # fmt: skip
     parser.add_argument("--max-depth", type=int, default=64, metavar="N", help="deepest stack to unwind")
-    parser.add_argument(
-        "--symbols", type=Path, action="append", default=[], metavar="FILE",
-        help="extra symbols: an ELF (vmlinux, user binary), System.map or kallsyms text (repeatable)",
-    )  # fmt: skip
     add_machine_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary lines")
     parser.add_argument("run_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

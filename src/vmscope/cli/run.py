@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.errors import ConfigError
+from vmscope.loader import LoadedGuest
+from vmscope.profiler.symbols import Symbolizer
 from vmscope.vmm.machine import Machine, RunResult
 from vmscope.vmm.platform import install_platform_devices
 
@@ -20,6 +23,8 @@ examples:
   vmscope run --elf guest.elf --cmdline 'n=5'    a PVH or plain ELF guest
   vmscope run --flat boot.bin --mode real --load-address 0x7c00
   vmscope run --kernel vmlinux --mem 512M --cpus 2 --serial file:/tmp/console.log
+  vmscope run --kernel bzImage --initrd initrd.cpio.gz --cmdline console=ttyS0 --symbols System.map
+  vmscope run --elf guest.elf --gdb tcp::1234 --gdb-wait      then: gdb guest.elf -ex 'target remote :1234'
 """
 
 
@@ -70,6 +75,10 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="isa-debug-exit port (default 0xf4)",
     )
     machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+    machine.add_argument(
+        "--symbols", type=Path, action="append", default=[], metavar="FILE",
+        help="symbols for crash reports and profiles: ELF (vmlinux), System.map or kallsyms (repeatable)",
+    )  # fmt: skip
 
 
 def build_machine(args: argparse.Namespace) -> Machine:
@@ -99,10 +108,26 @@ def build_machine(args: argparse.Namespace) -> Machine:
 
                 image = demo_guest()
             machine.load(image, kind="elf", cmdline=args.cmdline, modules=modules)
+        if args.symbols:
+            machine.symbolize = symbolizer_for(args.symbols, machine.guest)
     except BaseException:
         machine.close()
         raise
     return machine
+
+
+def symbolizer_for(paths: list[Path], guest: LoadedGuest | None) -> Callable[[int], str | None]:
+    """'function+0xoff [module]' lookups over the given symbol files and the guest image."""
+    files = list(paths)
+    if guest is not None and guest.symbol_file is not None:
+        files.append(guest.symbol_file)
+    symbolizer = Symbolizer.from_files(files)
+
+    def lookup(address: int) -> str | None:
+        symbol = symbolizer.lookup(address)
+        return f"{symbol.name}+{symbol.offset:#x}" if symbol is not None else None
+
+    return lookup
 
 
 def report_result(result: RunResult, quiet: bool = False) -> None:
@@ -115,9 +140,19 @@ def report_result(result: RunResult, quiet: bool = False) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     machine = build_machine(args)
+    stub = None
     try:
+        if args.gdb:
+            from vmscope.gdbstub import attach_gdb_stub
+
+            stub = attach_gdb_stub(
+                machine, args.gdb, wait_for_client=args.gdb_wait, allow_remote=args.gdb_allow_remote
+            )
+            print(f"vmscope: GDB stub listening on {args.gdb}", file=sys.stderr)
         result = machine.run(timeout=args.timeout)
     finally:
+        if stub is not None:
+            stub.close()
         machine.close()
     report_result(result, args.quiet)
     return result.exit_status
@@ -133,4 +168,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_machine_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line when the guest exits")
+    debug = parser.add_argument_group("debugging")
+    debug.add_argument("--gdb", metavar="tcp:HOST:PORT", help="serve the GDB remote protocol, e.g. tcp::1234")
+    debug.add_argument("--gdb-wait", action="store_true", help="hold the guest before its first instruction")
+    debug.add_argument(
+        "--gdb-allow-remote", action="store_true", help="allow a non-loopback GDB address (full control)"
+    )
     parser.set_defaults(func=handle)

@@ -15,6 +15,7 @@ from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.e820 import E820Entry
 from vmscope.errors import ConfigError, ImageFormatError
 from vmscope.loader.base import LoadedGuest, LoadedSegment
+from vmscope.loader.bzimage import is_bzimage, load_bzimage
 from vmscope.loader.elf import has_elf_magic, load_elf, load_elf_image, read_elf_image
 from vmscope.loader.flat import load_flat
 from vmscope.loader.pvh import is_pvh_elf, load_pvh, load_pvh_image, pvh_entry_point
@@ -48,7 +49,8 @@ def load_guest(
     rsdp_address: int = 0,
     extra_e820: Sequence[E820Entry] = (),
 ) -> LoadedGuest:
-    """Load ``path`` into ``memory``: PVH when the ELF carries the PVH note, plain ELF otherwise.
+    """Load ``path`` into ``memory``: a Linux bzImage through the boot protocol, PVH when the ELF
+    carries the PVH note, plain ELF otherwise.
 
     ``kind="flat"`` (or ``"auto"`` on a non-ELF file with ``flat_address`` given) loads a flat
     binary at ``flat_address`` entered in ``flat_mode``. A command line and modules need a PVH
@@ -63,6 +65,11 @@ def load_guest(
             raise ConfigError("a flat image needs a load address and a CPU mode (real, protected or long)")
         _refuse_boot_arguments(path, "a flat binary", cmdline, modules)
         return load_flat(memory, path, flat_address, flat_mode, flat_entry)
+    if not is_elf and is_bzimage(path):
+        if len(modules) > 1:
+            raise ConfigError(f"{path}: a bzImage takes one initrd, not {len(modules)} modules")
+        initrd = modules[0] if modules else None
+        return load_bzimage(memory, path, cmdline, initrd, rsdp_address, extra_e820)
     if not is_elf:
         with open(path, "rb") as stream:
             magic = stream.read(4)

@@ -140,9 +140,9 @@ def build_crash_report(
     linear = (sregs.cs.base + regs.rip) if cs_mode != capstone.CS_MODE_64 else regs.rip
     code = b""
     if emulation_data and len(emulation_data) >= 2 and emulation_data[0] & EMULATION_FLAG_INSTRUCTION_BYTES:
-        size = min(emulation_data[1], 15)
-        raw = b"".join(word.to_bytes(8, "little") for word in emulation_data[2:4])
-        code = raw[:size]
+        # kvm_run.emulation_failure: u64 flags, then u8 insn_size and u8 insn_bytes[15]
+        raw = b"".join(word.to_bytes(8, "little") for word in emulation_data[1:3])
+        code = raw[1 : 1 + min(raw[0], 15)]
     if not code:
         paging = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
         try:
@@ -155,7 +155,7 @@ def build_crash_report(
     decoded = disassemble_one(code, regs.rip, cs_mode) if code else None
     if decoded is not None:
         mnemonic, report.instruction, report.instruction_bytes = decoded
-        feature = FEATURE_FOR_MNEMONIC.get(mnemonic)
+        feature = FEATURE_FOR_MNEMONIC.get(mnemonic.split()[-1])  # "lock cmpxchg16b" -> cmpxchg16b
         if feature is not None and backend == "kvm_pvm":
             report.hint = (
                 f"this host's KVM (kvm_pvm, software virtualization) cannot emulate {mnemonic} in guest "

@@ -25,7 +25,7 @@ _ADDRESS_MASK = (1 << 52) - 1
 ACCESS_NAMES = ("", "in", "out", "read", "write")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExitEvent:
     """One VM exit as a hook sees it."""
 

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmscope.arch.x86 import cpuid as cpuid_policy
+from vmscope.arch.x86.acpi import build_acpi_tables
 from vmscope.arch.x86.cpu_state import CpuMode
+from vmscope.arch.x86.e820 import E820Entry
+from vmscope.arch.x86.mptable import build_mptable
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
@@ -137,6 +140,8 @@ class Machine:
             self.hooks.attach_runner(runner)
 
         self.guest: LoadedGuest | None = None
+        #: (base, size, gsi) of virtio-mmio devices, described to the guest in ACPI and cmdline
+        self.virtio_mmio_devices: list[tuple[int, int, int]] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
         self.symbolize: Callable[[int], str | None] | None = None
         #: handles KVM_EXIT_DEBUG (the GDB stub installs one); returns False to stop the vCPU
@@ -272,8 +277,25 @@ class Machine:
         flat_address: int | None = None,
         flat_mode: CpuMode | None = None,
         flat_entry: int | None = None,
+        firmware_tables: bool = True,
     ) -> LoadedGuest:
-        """Load a guest image and point the boot vCPU at its entry."""
+        """Load a guest image and point the boot vCPU at its entry.
+
+        Kernels (bzImage, PVH and plain ELF) also get ACPI tables and an MP table describing
+        this machine's CPUs, interrupt controllers and devices; flat binaries get none.
+        """
+        rsdp_address = 0
+        reserved: Sequence[E820Entry] = ()
+        if firmware_tables and kind != "flat":
+            tables = build_acpi_tables(
+                self.memory,
+                self.cpu_count,
+                virtio_mmio_devices=self.virtio_mmio_devices,
+                cmos_rtc=self.pio_bus.lookup(0x70) is not None,
+                i8042=self.pio_bus.lookup(0x60) is not None,
+            )
+            build_mptable(self.memory, self.cpu_count)
+            rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
         guest = load_guest(
             self.memory,
             Path(path),
@@ -283,6 +305,8 @@ class Machine:
             flat_address=flat_address,
             flat_mode=flat_mode,
             flat_entry=flat_entry,
+            rsdp_address=rsdp_address,
+            extra_e820=reserved,
         )
         self.boot_from(guest)
         return guest

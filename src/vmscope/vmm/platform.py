@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmscope.devices.acpi_pm import ACPI_PM_BASE, ACPI_PM_LENGTH, AcpiPm
 from vmscope.devices.char_backends import SerialBackend, open_serial_backend
 from vmscope.devices.cmos import Cmos
 from vmscope.devices.debug_exit import DebugExit
@@ -26,6 +27,7 @@ class PlatformDevices:
     port80: Port80
     i8042: I8042
     cmos: Cmos
+    acpi_pm: AcpiPm
 
 
 def install_platform_devices(
@@ -34,7 +36,8 @@ def install_platform_devices(
     serial: SerialBackend | str = "stdio",
     debug_exit_port: int | None = 0xF4,
 ) -> PlatformDevices:
-    """COM1 (IRQ 4), debug-exit, POST port 0x80, i8042 and CMOS/RTC on ``machine``'s port bus."""
+    """COM1 (IRQ 4), debug-exit, POST port 0x80, i8042, CMOS/RTC and ACPI power management
+    (the ports the generated FADT names) on ``machine``'s port bus."""
     backend = open_serial_backend(serial) if isinstance(serial, str) else serial
     uart = Uart16550(machine.interrupt_line(COM1_IRQ), backend, name="serial0")
     machine.add_pio_device(COM1_PORT, 8, uart)
@@ -49,4 +52,6 @@ def install_platform_devices(
     high = sum(size for base, size in machine.memory.ranges() if base >= HIGH_RAM_START)
     cmos = Cmos(machine.memory.low_size, high, cpu_count=machine.cpu_count)
     machine.add_pio_device(CMOS_PORT, 2, cmos)
-    return PlatformDevices(uart, debug_exit, port80, i8042, cmos)
+    acpi_pm = AcpiPm(machine)
+    machine.add_pio_device(ACPI_PM_BASE, ACPI_PM_LENGTH, acpi_pm)
+    return PlatformDevices(uart, debug_exit, port80, i8042, cmos, acpi_pm)

@@ -94,6 +94,7 @@ class VcpuRunner:
         #: exit key -> the hooks matching it (filled lazily, cleared when hooks change)
         self.hook_cache: dict[int, tuple[ExitHook, ...]] = {}
         self._hook_failures_logged: set[int] = set()
+        self._decoded_keys: dict[int, tuple[str, int, str]] = {}
         #: set by the machine; read by the loop only after a kick (EINTR)
         self.stop_requested = False
         self.pause_requested = False
@@ -109,27 +110,32 @@ class VcpuRunner:
     def set_hooks_active(self, active: bool, needs_registers: bool) -> None:
         self.hook_cache.clear()
         self.hooks_active[:] = [True] if active else []
-        if needs_registers:
-            self.vcpu.enable_sync_regs(c.SYNC_X86_REGS | c.SYNC_X86_SREGS)
-        else:
+        if not needs_registers:
             self.vcpu.enable_sync_regs(0)
+        # Registers are synced lazily: the first exit a register-hungry hook matches turns
+        # syncing on, so hooks that never match cost nothing per exit.
 
     def _dispatch_hooks(self, hooks: tuple[ExitHook, ...], key: int, handling_ns: int) -> None:
-        run = self.vcpu.run_struct
-        reason = key >> 56
-        address = key & ((1 << 52) - 1)
+        vcpu = self.vcpu
+        run = vcpu.run_struct
+        decoded = self._decoded_keys.get(key)
+        if decoded is None:
+            decoded = self._decoded_keys[key] = decode_exit_key(key)
+        name, address, access = decoded
         data = b""
-        if reason == c.ExitReason.IO:
+        if name == "IO":
             io = run.exit.io
-            data = bytes(self.vcpu.run_buffer[io.data_offset : io.data_offset + io.size * io.count])
-        elif reason == c.ExitReason.MMIO:
+            data = vcpu.run_buffer[io.data_offset : io.data_offset + io.size * io.count]
+        elif name == "MMIO":
             mmio = run.exit.mmio
             data = bytes(mmio.data)[: min(mmio.len, 8)]
-        else:
-            address = -1
-        rip = int(run.s.regs.regs.rip) if run.kvm_valid_regs & c.SYNC_X86_REGS else 0
-        name, _, access_name = decode_exit_key(key)
-        event = ExitEvent(self.vcpu.id, name, address, access_name, data, handling_ns, rip, self)
+        rip = 0
+        if run.kvm_valid_regs & c.SYNC_X86_REGS:
+            rip = run.s.regs.regs.rip
+        elif any(hook.wants_registers for hook in hooks):
+            rip = vcpu.get_regs().rip  # this once by ioctl; synced from the next exit on
+            vcpu.enable_sync_regs(c.SYNC_X86_REGS | c.SYNC_X86_SREGS)
+        event = ExitEvent(vcpu.id, name, address, access, data, handling_ns, rip, self)
         for hook in hooks:
             hook.calls += 1
             try:
@@ -239,6 +245,10 @@ class VcpuRunner:
         while True:
             try:
                 kvm_run()
+            except BlockingIOError:
+                # EAGAIN: an AP left wait-for-SIPI (INIT handled in the kernel); run it again
+                now = clock()
+                continue
             except InterruptedError:
                 record_guest(clock() - now)  # guest time up to the kick (counted in stats.kicks too)
                 if not self._handle_kick():

@@ -1,0 +1,53 @@
+"""Crash reports: instruction decoding from KVM's emulation-failure bytes and from guest memory."""
+
+from __future__ import annotations
+
+from vmscope.kvm import structs as s
+from vmscope.memory.guest_memory import GuestMemory
+from vmscope.vmm.crash import build_crash_report
+
+LOCK_CMPXCHG16B = bytes.fromhex("f0480fc70e")  # lock cmpxchg16b [rsi]
+
+
+def long_mode_registers(rip: int) -> tuple[s.kvm_regs, s.kvm_sregs]:
+    regs = s.kvm_regs(rip=rip, rsi=0x2000, rflags=2)
+    sregs = s.kvm_sregs(cr0=0x1, efer=0x500)  # protected, paging off for the memory read
+    sregs.cs.l = 1
+    return regs, sregs
+
+
+def emulation_data(code: bytes) -> list[int]:
+    """kvm_run.emulation_failure as u64 words: flags, then insn_size and insn_bytes[15]."""
+    raw = bytes([len(code)]) + code + bytes(15 - len(code))
+    return [1] + [int.from_bytes(raw[i : i + 8], "little") for i in (0, 8)]
+
+
+def test_emulation_failure_bytes_are_decoded_and_the_pvm_hint_names_the_mask() -> None:
+    memory = GuestMemory.for_size(1 << 20)
+    regs, sregs = long_mode_registers(0x1000)
+    report = build_crash_report(
+        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(LOCK_CMPXCHG16B),
+        symbolize=lambda address: "slab_alloc+0x10" if address == 0x1000 else None, backend="kvm_pvm",
+    )  # fmt: skip
+    assert report.instruction == "lock cmpxchg16b xmmword ptr [rsi]"
+    assert report.instruction_bytes == LOCK_CMPXCHG16B
+    assert report.hint is not None and "--cpu-features=-cx16" in report.hint
+    text = report.format()
+    assert "in slab_alloc+0x10" in text and "faulting instruction: lock cmpxchg16b" in text
+
+
+def test_without_kvm_bytes_the_instruction_is_read_from_guest_memory() -> None:
+    memory = GuestMemory.for_size(1 << 20)
+    memory.write(0x3000, bytes.fromhex("0f01d0"))  # xgetbv
+    regs, sregs = long_mode_registers(0x3000)
+    report = build_crash_report(0, "triple fault", regs, sregs, memory, backend="kvm_intel")
+    assert report.instruction == "xgetbv"
+    assert report.hint is None  # no emulation failure on a hardware host: nothing to mask
+
+
+def test_an_unreadable_rip_gives_a_report_without_an_instruction() -> None:
+    memory = GuestMemory.for_size(1 << 20)
+    regs, sregs = long_mode_registers(0xFFFF_0000_0000)
+    report = build_crash_report(0, "triple fault", regs, sregs, memory)
+    assert report.instruction is None
+    assert "guest crashed on vCPU 0: triple fault" in report.format()
