@@ -74,7 +74,8 @@ def main() -> int:
     rates = {name: args.rounds / statistics.median(values) for name, values in times.items()}
     reference = rates["profiling off"]
     print(
-        f"guest CPL3 work rate, {args.rounds} rounds per run, median of {args.repeat} (boot {boot * 1e3:.0f} ms)"
+        f"guest CPL3 work rate, {args.rounds} rounds per run, "
+        f"median of {args.repeat} (boot {boot * 1e3:.0f} ms)"
     )
     print(f"{'configuration':<20}{'rounds/s':>10}{'overhead':>10}{'samples':>9}  spread (s)")
     for name, rate in rates.items():
