@@ -3,7 +3,8 @@
 ``debian_kernel()`` returns ``KernelLookup(path, reason)``: ``path`` is the extracted
 ``vmlinuz-*`` (with its ``System.map-*`` beside it; Debian's is a placeholder) or None, and
 ``reason`` says why not (for ``pytest.skip``). The cache directory is
-``$VMSCOPE_CACHE_DIR/kernels`` or ``~/.cache/vmscope/kernels``. When no kernel is cached it runs ``apt-get download`` for the versioned package linux-image-cloud-amd64 depends on and
+``$VMSCOPE_CACHE_DIR/kernels`` or ``~/.cache/vmscope/kernels``. When no kernel is cached it
+runs ``apt-get download`` for the versioned package linux-image-cloud-amd64 depends on and
 unpacks it with ``dpkg-deb -x``; set VMSCOPE_NO_DOWNLOAD=1 to only use the cache. If apt has
 no package lists and we are root, ``apt-get update`` is run once first.
 """
