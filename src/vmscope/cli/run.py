@@ -13,6 +13,7 @@ from vmscope.loader import LoadedGuest
 from vmscope.profiler.symbols import Symbolizer
 from vmscope.vmm.machine import Machine, RunResult
 from vmscope.vmm.platform import install_platform_devices
+from vmscope.vmm.virtio_setup import install_virtio_devices
 
 EPILOG = """\
 exit status: the guest's debug-exit status ((value << 1) | 1), 0 on a clean power-off or
@@ -75,6 +76,21 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="isa-debug-exit port (default 0xf4)",
     )
     machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+    io = parser.add_argument_group("virtio devices")
+    io.add_argument(
+        "--disk", action="append", default=[], metavar="PATH[,readonly][,transport=mmio|pci]",
+        help="virtio-blk on a raw image file (repeatable)",
+    )  # fmt: skip
+    io.add_argument(
+        "--net", action="append", default=[], metavar="tap:NAME|udp:LOCAL_PORT:REMOTE_PORT",
+        help="virtio-net backend (repeatable; udp links two vmscope VMs on 127.0.0.1)",
+    )  # fmt: skip
+    io.add_argument("--console", metavar="SPEC", help="virtio-console (hvc0): stdio, file:PATH or unix:PATH")
+    io.add_argument("--rng", action="store_true", help="virtio-rng fed from the host's getrandom()")
+    io.add_argument(
+        "--iothreads", choices=("on", "off"), default="on",
+        help="serve virtio queues on per-device I/O threads (on) or on the vCPU exit path (off)",
+    )  # fmt: skip
     machine.add_argument(
         "--symbols", type=Path, action="append", default=[], metavar="FILE",
         help="symbols for crash reports and profiles: ELF (vmlinux), System.map or kallsyms (repeatable)",
@@ -90,6 +106,10 @@ def build_machine(args: argparse.Namespace) -> Machine:
     machine = Machine(mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features)
     try:
         install_platform_devices(machine, serial=args.serial, debug_exit_port=args.debug_exit_port)
+        install_virtio_devices(
+            machine, disks=args.disk, nets=args.net, console=args.console, rng=args.rng,
+            iothreads=args.iothreads == "on",
+        )  # fmt: skip
         modules = [args.initrd] if args.initrd is not None else []
         if args.flat is not None:
             if modules or args.cmdline:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmscope.arch.x86 import cpuid as cpuid_policy
 from vmscope.arch.x86.acpi import build_acpi_tables
@@ -32,7 +33,8 @@ from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu
 from vmscope.kvm import structs as s
-from vmscope.loader import GuestKind, LoadedGuest, load_guest
+from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
+from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.vmm.crash import CrashReport, build_crash_report
@@ -142,6 +144,10 @@ class Machine:
         self.guest: LoadedGuest | None = None
         #: (base, size, gsi) of virtio-mmio devices, described to the guest in ACPI and cmdline
         self.virtio_mmio_devices: list[tuple[int, int, int]] = []
+        #: words appended to a kernel's command line (virtio_mmio.device= entries)
+        self.extra_cmdline: list[str] = []
+        #: virtio devices attached with vmm.virtio_setup (for stats and request traces)
+        self.virtio_attachments: list[Any] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
         self.symbolize: Callable[[int], str | None] | None = None
         #: handles KVM_EXIT_DEBUG (the GDB stub installs one); returns False to stop the vCPU
@@ -296,6 +302,8 @@ class Machine:
             )
             build_mptable(self.memory, self.cpu_count)
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
+        if self.extra_cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
+            cmdline = " ".join([cmdline, *self.extra_cmdline]).strip()
         guest = load_guest(
             self.memory,
             Path(path),

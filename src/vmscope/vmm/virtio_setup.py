@@ -1,0 +1,102 @@
+"""Virtio devices from command-line specs, attached to a machine and described to the guest.
+
+Each device gets the next default virtio-mmio slot (MMIO window and GSI). The guest learns
+about it both ways, so kernels built either way find it: a LNRO0005 device in the ACPI DSDT
+and a ``virtio_mmio.device=`` entry on the kernel command line (Linux needs
+CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the latter; Debian's kernel uses ACPI). The DSDT
+declares the interrupts level-triggered, so the irqfds use KVM's resample mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmscope.devices.char_backends import open_serial_backend
+from vmscope.errors import ConfigError
+from vmscope.virtio.attach import VirtioMmioAttachment, attach_virtio_mmio, virtio_mmio_slot
+from vmscope.virtio.block import VirtioBlock
+from vmscope.virtio.console import VirtioConsole
+from vmscope.virtio.device import VirtioDevice
+from vmscope.virtio.net import VirtioNet
+from vmscope.virtio.net_backends import open_net_backend
+from vmscope.virtio.rng import VirtioRng
+from vmscope.vmm.machine import Machine
+
+TRANSPORTS = ("mmio", "pci")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: Path
+    readonly: bool = False
+    transport: str | None = None
+    serial: str | None = None
+
+
+def parse_disk_spec(text: str) -> DiskSpec:
+    """``PATH[,readonly][,transport=mmio|pci][,serial=ID]``."""
+    path, *options = text.split(",")
+    if not path:
+        raise ConfigError(f"--disk {text!r}: expected PATH[,readonly][,transport=mmio|pci][,serial=ID]")
+    readonly = False
+    transport: str | None = None
+    serial: str | None = None
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("readonly", "ro") and not value:
+            readonly = True
+        elif key == "transport" and value in TRANSPORTS:
+            transport = value
+        elif key == "serial" and value:
+            serial = value
+        else:
+            expected = "readonly, transport=mmio|pci, serial=ID"
+            raise ConfigError(f"--disk {text!r}: unknown option {option!r} (expected {expected})")
+    if not Path(path).is_file():
+        raise ConfigError(f"--disk {path}: no such file (create a raw image, e.g. truncate -s 64M {path})")
+    return DiskSpec(Path(path), readonly, transport, serial)
+
+
+def _attach(
+    machine: Machine, device: VirtioDevice, transport: str | None, iothreads: bool
+) -> VirtioMmioAttachment:
+    if transport == "pci":
+        raise ConfigError(f"{device.name}: transport=pci is not available yet; use transport=mmio")
+    base, gsi = virtio_mmio_slot(len(machine.virtio_mmio_devices))
+    attachment = attach_virtio_mmio(machine, device, base=base, gsi=gsi, iothreads=iothreads, trigger="level")
+    machine.virtio_mmio_devices.append(attachment.acpi_entry())
+    machine.extra_cmdline.append(attachment.cmdline_entry())
+    machine.virtio_attachments.append(attachment)
+    return attachment
+
+
+def install_virtio_devices(
+    machine: Machine,
+    *,
+    disks: Sequence[str] = (),
+    nets: Sequence[str] = (),
+    console: str | None = None,
+    rng: bool = False,
+    iothreads: bool = True,
+) -> list[VirtioMmioAttachment]:
+    """Create and attach the devices the CLI options ask for, in a stable order (disks first)."""
+    attached: list[VirtioMmioAttachment] = []
+    for index, text in enumerate(disks):
+        spec = parse_disk_spec(text)
+        disk = VirtioBlock(
+            machine.memory, spec.path, read_only=spec.readonly, serial=spec.serial, name=f"virtio-blk{index}"
+        )
+        attached.append(_attach(machine, disk, spec.transport, iothreads))
+    for index, text in enumerate(nets):
+        backend_spec, _, mac_option = text.partition(",mac=")
+        backend = open_net_backend(backend_spec)
+        net = VirtioNet(machine.memory, backend, mac=mac_option or None, name=f"virtio-net{index}")
+        attached.append(_attach(machine, net, None, iothreads))
+    if console is not None:
+        device = VirtioConsole(machine.memory, open_serial_backend(console), name="virtio-console0")
+        attached.append(_attach(machine, device, None, iothreads))
+    if rng:
+        attached.append(_attach(machine, VirtioRng(machine.memory, name="virtio-rng0"), None, iothreads))
+    return attached
