@@ -1,0 +1,126 @@
+"""``vmscope ctl``: send one command to a running VMM's control socket and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vmscope.control.client import ControlClient
+from vmscope.errors import ConfigError, VmscopeError
+
+EPILOG = """\
+arguments are KEY=VALUE; values that read as numbers (also 0x hex), true/false or JSON are sent
+as such, anything else as a string. `vmscope ctl PATH help` lists the commands and arguments.
+
+examples:
+  vmscope run --control /tmp/vm.sock &             start a guest with a control socket
+  vmscope ctl /tmp/vm.sock query-status
+  vmscope ctl /tmp/vm.sock read-memory address=0x7c00 length=16
+  vmscope ctl /tmp/vm.sock read-memory address=0xffffffff81000000 length=64 virtual=true
+  vmscope ctl /tmp/vm.sock profile-start frequency_hz=499
+  vmscope ctl /tmp/vm.sock profile-dump path=guest.vmprof
+  vmscope ctl /tmp/vm.sock quit
+"""
+
+#: arguments that name files: made absolute here, since the VMM may run in another directory
+_PATH_ARGUMENTS = {"path"}
+
+
+def parse_value(text: str) -> Any:
+    """A KEY=VALUE value as JSON would carry it: int (decimal or 0x), number, bool, JSON, or string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "null":
+        return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(number):
+            return number
+    if text[:1] in ('"', "[", "{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ConfigError(f"argument value {text!r} looks like JSON but does not parse") from None
+    return text
+
+
+def parse_arguments(pairs: Sequence[str]) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"argument {pair!r} is not KEY=VALUE")
+        if key in arguments:
+            raise ConfigError(f"argument {key!r} is given twice")
+        parsed = parse_value(value)
+        if key in _PATH_ARGUMENTS and isinstance(parsed, str):
+            parsed = os.path.abspath(parsed)
+        arguments[key] = parsed
+    return arguments
+
+
+def handle(args: argparse.Namespace) -> int:
+    arguments = parse_arguments(args.arguments)
+    with ControlClient(args.socket, timeout=args.timeout) as client:
+        result = client.call(args.control_command, **arguments)
+    print(json.dumps(result, indent=2, sort_keys=False))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "ctl",
+        help="send a command to a running VM's control socket",
+        description="Send one command to the control socket of a running vmscope (run --control PATH) "
+        "and print its JSON result.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("socket", metavar="PATH", help="the control socket")
+    parser.add_argument("control_command", metavar="COMMAND", help="command name (see: help)")
+    parser.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="command arguments")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for the answer (default 30)",
+    )
+    parser.set_defaults(func=handle)
+
+
+def run_standalone(
+    register_subcommand: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None],
+    name: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Run one subcommand as `vmscope NAME ...` would (for ``python -m vmscope.cli.NAME``)."""
+    parser = argparse.ArgumentParser(prog="vmscope")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register_subcommand(subparsers)
+    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        status: int = args.func(args)
+        return status
+    except VmscopeError as error:
+        print(f"vmscope: {error}", file=sys.stderr)
+        return error.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run_standalone(register, "ctl"))
