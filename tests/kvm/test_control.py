@@ -36,8 +36,8 @@ ALIAS = 1 << 39
 SPIN_KEY = f"IO port {SPIN_PORT:#x} out"
 
 #: how the subcommands are started until cli/main.py registers them (then: "-m", "vmscope", "ctl")
-CTL = ("-m", "vmscope.cli.ctl")
-TOP = ("-m", "vmscope.cli.top")
+CTL = ("-m", "vmscope", "ctl")
+TOP = ("-m", "vmscope", "top")
 
 
 @dataclass

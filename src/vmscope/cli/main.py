@@ -21,7 +21,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vmscope.cli import diff, initramfs, record, report, run, stat
+    from vmscope.cli import ctl, diff, initramfs, record, report, run, stat, top
 
     parser = argparse.ArgumentParser(
         prog="vmscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmscope {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (run, stat, record, report, diff, initramfs):
+    for module in (run, stat, record, report, diff, initramfs, ctl, top):
         module.register(subparsers)
     return parser
 

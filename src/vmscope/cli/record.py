@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vmscope.cli.run import add_machine_arguments, build_machine, report_result
+from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.errors import ConfigError
 from vmscope.profiler import profile_file
 from vmscope.profiler.recorder import DEFAULT_FREQUENCY_HZ, ProfileRecorder
@@ -57,7 +57,7 @@ def handle(args: argparse.Namespace) -> int:
         recorder.profile.metadata.command_line = ["vmscope", *sys.argv[1:]]
         recorder.profile.metadata.kernel_command_line = args.cmdline
         recorder.start()
-        result = machine.run(timeout=args.timeout)
+        result = run_with_control(machine, args)
         profile = recorder.finish()
     finally:
         machine.close()

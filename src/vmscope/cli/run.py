@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmscope.arch.x86.cpu_state import CpuMode
+from vmscope.control import attach_control_server
 from vmscope.errors import ConfigError
 from vmscope.loader import LoadedGuest
 from vmscope.profiler.symbols import Symbolizer
@@ -76,6 +77,9 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="isa-debug-exit port (default 0xf4)",
     )
     machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+    machine.add_argument(
+        "--control", metavar="PATH", help="serve a control socket (mode 0600) at PATH for vmscope ctl / top"
+    )
     io = parser.add_argument_group("virtio devices")
     io.add_argument(
         "--disk", action="append", default=[], metavar="PATH[,readonly][,transport=mmio|pci]",
@@ -158,6 +162,16 @@ def report_result(result: RunResult, quiet: bool = False) -> None:
         print(f"vmscope: {result.reason}{suffix}", file=sys.stderr)
 
 
+def run_with_control(machine: Machine, args: argparse.Namespace) -> RunResult:
+    """Run the machine, serving the control socket while it runs when --control asks for one."""
+    control = attach_control_server(machine, args.control) if args.control else None
+    try:
+        return machine.run(timeout=args.timeout)
+    finally:
+        if control is not None:
+            control.close()
+
+
 def handle(args: argparse.Namespace) -> int:
     machine = build_machine(args)
     stub = None
@@ -169,7 +183,7 @@ def handle(args: argparse.Namespace) -> int:
                 machine, args.gdb, wait_for_client=args.gdb_wait, allow_remote=args.gdb_allow_remote
             )
             print(f"vmscope: GDB stub listening on {args.gdb}", file=sys.stderr)
-        result = machine.run(timeout=args.timeout)
+        result = run_with_control(machine, args)
     finally:
         if stub is not None:
             stub.close()

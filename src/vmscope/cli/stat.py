@@ -7,7 +7,7 @@ import sys
 import threading
 
 from vmscope.cli.record import merge_run_arguments
-from vmscope.cli.run import add_machine_arguments, build_machine, report_result
+from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.model import Profile
 from vmscope.profiler.recorder import fill_exit_statistics
 from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
@@ -45,7 +45,7 @@ def handle(args: argparse.Namespace) -> int:
         if args.interval:
             printer = threading.Thread(target=print_periodically, name="vmscope-stat", daemon=True)
             printer.start()
-        result = machine.run(timeout=args.timeout)
+        result = run_with_control(machine, args)
         stop_printing.set()
         if printer is not None:
             printer.join()
