@@ -6,12 +6,11 @@ import argparse
 import json
 import math
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from vmscope.control.client import ControlClient
-from vmscope.errors import ConfigError, VmscopeError
+from vmscope.errors import ConfigError
 
 EPILOG = """\
 arguments are KEY=VALUE; values that read as numbers (also 0x hex), true/false or JSON are sent
@@ -100,27 +99,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="wait this long for the answer (default 30)",
     )
     parser.set_defaults(func=handle)
-
-
-def run_standalone(
-    register_subcommand: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None],
-    name: str,
-    argv: Sequence[str] | None = None,
-) -> int:
-    """Run one subcommand as `vmscope NAME ...` would (for ``python -m vmscope.cli.NAME``)."""
-    parser = argparse.ArgumentParser(prog="vmscope")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    register_subcommand(subparsers)
-    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
-    try:
-        status: int = args.func(args)
-        return status
-    except VmscopeError as error:
-        print(f"vmscope: {error}", file=sys.stderr)
-        return error.exit_status
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(run_standalone(register, "ctl"))

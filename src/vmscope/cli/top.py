@@ -13,7 +13,6 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from vmscope.cli.ctl import run_standalone
 from vmscope.control.client import ControlClient, ControlConnectionError
 from vmscope.errors import ConfigError
 from vmscope.profiler.report import format_us, make_console, make_table
@@ -248,7 +247,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
     parser.add_argument("--kvm", action="store_true", help="also show KVM's own counters")
     parser.set_defaults(func=handle)
-
-
-if __name__ == "__main__":
-    sys.exit(run_standalone(register, "top"))
