@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,20 @@ def test_memory_sizes(tmp_path: Path, mem: str) -> None:
         install_platform_devices(machine, serial="none")
         machine.load(image, kind="flat", flat_address=0x7C00, flat_mode=CpuMode.REAL)
         assert machine.run(timeout=30).exit_status == 5
+
+
+@pytest.mark.parametrize(("signal_number", "status"), [(2, 130), (15, 143)])
+def test_ctrl_c_and_sigterm_stop_the_vm_cleanly(tmp_path: Path, signal_number: int, status: int) -> None:
+    image = tmp_path / "spin.bin"
+    image.write_bytes(b"\xeb\xfe")  # jmp $
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmscope", "run", "--flat", str(image), "--mode", "real", "--load-address", "0x7c00"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    time.sleep(1.0)  # let it boot into the loop
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert ("Ctrl-C" if signal_number == 2 else "SIGTERM") in stderr

@@ -119,3 +119,21 @@ def test_record_cli_writes_a_profile_that_report_reads(tmp_path: Path, ratio_gue
     )
     assert report.returncode == 0, report.stderr
     assert "port_writer" in report.stdout and "IO port 0x510 out" in report.stdout
+
+
+def test_post_codes_become_boot_markers_on_the_timeline(tmp_path: Path) -> None:
+    from vmscope.arch.x86.cpu_state import CpuMode
+
+    image = tmp_path / "post.bin"
+    # mov al, 0x11; out 0x80, al; mov al, 0x22; out 0x80, al; then debug-exit 0
+    image.write_bytes(bytes.fromhex("b011e680b022e680") + bytes.fromhex("baf400b000eef4"))
+    with Machine(mem="16M") as machine:
+        install_platform_devices(machine, serial="none")
+        machine.load(image, kind="flat", flat_address=0x7C00, flat_mode=CpuMode.REAL)
+        recorder = ProfileRecorder(machine)
+        recorder.start()
+        machine.run(timeout=30)
+        profile = recorder.finish()
+    markers = [span for span in profile.spans if span.track == "port80"]
+    assert [span.name for span in markers] == ["POST 0x11", "POST 0x22"]
+    assert 0 <= markers[0].start_ns <= markers[1].start_ns <= profile.metadata.duration_ns

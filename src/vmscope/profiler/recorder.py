@@ -247,6 +247,7 @@ class ProfileRecorder:
             max((s.exit_sample_stride for s in self._states.values()), default=1)
         )
         fill_exit_statistics(profile, machine)
+        self._add_boot_markers()
         symbol_paths = list(self.symbol_files)
         if machine.guest is not None and machine.guest.symbol_file is not None:
             symbol_paths.insert(0, machine.guest.symbol_file)
@@ -256,6 +257,19 @@ class ProfileRecorder:
                 continue
             seen.add(str(path))
             profile.symbol_tables.extend(load_symbol_file(path))
+
+    def _add_boot_markers(self) -> None:
+        """POST codes the guest wrote to port 0x80 become instants on a "port80" timeline track."""
+        found = self.machine.pio_bus.lookup(0x80)
+        records = getattr(found[0], "records", None) if found else None
+        if not records:
+            return
+        # Port80 stamps with time.monotonic_ns, the same clock as perf_counter_ns on Linux
+        offset = time.monotonic_ns() - time.perf_counter_ns() + self._t0
+        for stamp, value in records[: self.max_spans_per_vcpu]:
+            moment = stamp - offset
+            if moment >= 0:
+                self.profile.spans.append(Span("port80", f"POST {value:#04x}", moment, moment))
 
 
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:

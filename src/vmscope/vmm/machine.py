@@ -371,7 +371,23 @@ class Machine:
         finally:
             if in_main and previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
+        self._log_unclaimed()  # legacy ports a guest probes in a loop show up here (-vv)
         return self.result()
+
+    def unclaimed_accesses(self, limit: int = 10) -> list[tuple[str, int, int, str, int]]:
+        """The most frequent accesses no device claimed: (bus, address, size, "read"/"write", count)."""
+        rows = [
+            (bus.name, address, size, access, count)
+            for bus in (self.pio_bus, self.mmio_bus)
+            for access, counter in (("read", bus.unclaimed_reads), ("write", bus.unclaimed_writes))
+            for (address, size), count in counter.items()
+        ]
+        return sorted(rows, key=lambda row: -row[4])[:limit]
+
+    def _log_unclaimed(self) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            for bus, address, size, access, count in self.unclaimed_accesses():
+                log.debug("unclaimed %s %#x %s (%d bytes): %d accesses", bus, address, access, size, count)
 
     def result(self) -> RunResult:
         stop = self._stop or _StopState("still running", -1)
@@ -388,7 +404,7 @@ class Machine:
         with self._stop_lock:
             if self._stop is None:
                 self._stop = _StopState(reason, exit_status)
-                log.info("stopping: %s (exit status %d)", reason, exit_status)
+                log.info("stopping with exit status %d: %s", exit_status, reason)
         for runner in self.runners:
             runner.request_stop()
 
