@@ -152,8 +152,9 @@ def test_memory_sizes(tmp_path: Path, mem: str) -> None:
 def test_ctrl_c_and_sigterm_stop_the_vm_cleanly(tmp_path: Path, signal_number: int, status: int) -> None:
     image = tmp_path / "spin.bin"
     image.write_bytes(b"\xeb\xfe")  # jmp $
+    command = ["run", "--flat", str(image), "--mode", "real", "--load-address", "0x7c00"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "vmscope", "run", "--flat", str(image), "--mode", "real", "--load-address", "0x7c00"],
+        [sys.executable, "-m", "vmscope", *command],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
