@@ -226,3 +226,18 @@ def test_main_cli_prints_one_line_error_and_exits_2(
     assert main(["report", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vmscope: {bad}: ") and err.count("\n") == 1
+
+
+def test_io_requests_are_split_into_their_virtualization_parts() -> None:
+    from vmscope.profiler.model import IO_PART_NAMES, Profile, Span
+    from vmscope.profiler.report import io_latency_rows
+
+    profile = Profile()
+    for start in (0, 10_000):
+        parts = dict(zip(IO_PART_NAMES, (1_000, 500, 6_000, 500, 2_000), strict=True))
+        profile.spans.append(Span("io:virtio-blk0", "request:write", start, start + 10_000, parts))
+    profile.spans.append(Span("vcpu0", "guest", 0, 5))  # not an I/O request
+    rows = io_latency_rows(profile)
+    assert rows == [("virtio-blk0", "write", 2, 10_000.0, [1_000.0, 500.0, 6_000.0, 500.0, 2_000.0])]
+    text = report_text(profile)
+    assert "I/O request latency" in text and "virtio-blk0" in text and "(60.00%)" in text

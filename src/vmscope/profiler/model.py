@@ -44,6 +44,10 @@ ORIGIN_TIMER = "timer"
 ORIGINS = (ORIGIN_EXIT, ORIGIN_TIMER)
 UNCLAIMED_SPACES = ("pio", "mmio")
 
+#: the parts a virtio request's latency is split into: Span args (ns) on "io:<device>" tracks,
+#: spans named "request:<type>", from the notification to the completion interrupt
+IO_PART_NAMES = ("queue wait", "request parsing", "backend", "completion", "interrupt")
+
 KvmStatValue = int | float | list[int]
 SpanArgValue = str | int | float | bool
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from vmscope.kvm import constants as c
 from vmscope.memory.paging import PagingMode
-from vmscope.profiler.model import ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
+from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwind import StackUnwinder
 from vmscope.vmm.hooks import ExitEvent, ExitHook
@@ -248,6 +248,7 @@ class ProfileRecorder:
         )
         fill_exit_statistics(profile, machine)
         self._add_boot_markers()
+        self._add_io_requests()
         symbol_paths = list(self.symbol_files)
         if machine.guest is not None and machine.guest.symbol_file is not None:
             symbol_paths.insert(0, machine.guest.symbol_file)
@@ -270,6 +271,29 @@ class ProfileRecorder:
             moment = stamp - offset
             if moment >= 0:
                 self.profile.spans.append(Span("port80", f"POST {value:#04x}", moment, moment))
+
+    def _add_io_requests(self) -> None:
+        """Each traced virtio request becomes a span on its device's "io:" track, its latency
+        split into parts (args, in ns) so reports can show where virtualized I/O time goes."""
+        for attachment in self.machine.virtio_attachments:
+            traces = getattr(attachment.device, "traces", None)
+            if traces is None:
+                continue
+            for trace in traces()[: self.max_spans_per_vcpu]:
+                end = trace.interrupt_ns if trace.interrupt_ns is not None else trace.complete_ns
+                parts: dict[str, int | float | str | bool] = {
+                    IO_PART_NAMES[0]: trace.pickup_ns - trace.notify_ns,
+                    IO_PART_NAMES[1]: trace.backend_start_ns - trace.pickup_ns,
+                    IO_PART_NAMES[2]: trace.backend_end_ns - trace.backend_start_ns,
+                    IO_PART_NAMES[3]: trace.complete_ns - trace.backend_end_ns,
+                    IO_PART_NAMES[4]: end - trace.complete_ns,
+                    "bytes": trace.length,
+                    "thread": trace.thread,
+                }
+                self.profile.spans.append(
+                    Span(f"io:{trace.device}", f"request:{trace.type_name}", trace.notify_ns - self._t0,
+                         end - self._t0, parts)
+                )  # fmt: skip
 
 
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:

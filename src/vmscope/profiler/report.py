@@ -20,7 +20,7 @@ from rich.text import Text
 
 from vmscope.errors import ConfigError
 from vmscope.profiler.histogram import LatencyHistogram
-from vmscope.profiler.model import ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, exit_label
+from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, exit_label
 from vmscope.profiler.symbols import Symbolizer, address_space
 
 EVENT_CLASSES = ("vmexit", "ioport", "mmio")
@@ -464,6 +464,7 @@ def render_report(profile: Profile, console: Console, options: ReportOptions | N
     render_top_functions(profile, console, namer, options, terminal)
     render_exit_causes(profile, console, namer, options, terminal)
     render_kvm_stat(profile, console, options, terminal)
+    render_io_latency(profile, console, terminal)
     render_unclaimed(profile, console, terminal)
     render_kvm_stats(profile, console, options.vcpu, terminal)
 
@@ -600,6 +601,39 @@ def render_kvm_stat(profile: Profile, console: Console, options: ReportOptions, 
     total_samples = sum(r.samples for r in rows)
     total_time = sum(r.total_ns for r in rows)
     console.print(Text(f"Total Samples:{total_samples}, Total events handled time:{format_us(total_time)}."))
+    console.print()
+
+
+def io_latency_rows(profile: Profile) -> list[tuple[str, str, int, float, list[float]]]:
+    """(device track, request type, count, mean total ns, mean ns of each IO_PART_NAMES part)."""
+    groups: dict[tuple[str, str], list[Span]] = {}
+    for span in profile.spans:
+        if span.track.startswith("io:") and span.name.startswith("request:") and span.args:
+            groups.setdefault((span.track, span.name), []).append(span)
+    rows = []
+    for (track, name), spans in sorted(groups.items()):
+        count = len(spans)
+        total = sum(span.end_ns - span.start_ns for span in spans) / count
+        parts = [
+            sum(float(span.args.get(part, 0) or 0) for span in spans if span.args) / count
+            for part in IO_PART_NAMES
+        ]
+        rows.append((track.removeprefix("io:"), name.removeprefix("request:"), count, total, parts))
+    return rows
+
+
+def render_io_latency(profile: Profile, console: Console, terminal: bool) -> None:
+    """Per-request virtio latency split into its virtualization parts (mean ns and share)."""
+    rows = io_latency_rows(profile)
+    if not rows:
+        return
+    table = make_table("I/O request latency, split into its parts (mean per request)", terminal)
+    for column in ("Device", "Request", "Count", "Total", *IO_PART_NAMES):
+        table.add_column(column, justify="left" if column in ("Device", "Request") else "right")
+    for device, request, count, total, parts in rows:
+        shares = [f"{format_us(part)} ({format_pct(100 * part / total if total else 0)})" for part in parts]
+        table.add_row(device, request, str(count), format_us(total), *shares)
+    console.print(table)
     console.print()
 
 
