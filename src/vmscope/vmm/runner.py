@@ -157,20 +157,19 @@ class VcpuRunner:
     def kick(self) -> None:
         """Make KVM_RUN return now (or immediately when next entered)."""
         self.vcpu.set_immediate_exit(True)
-        ident = self.thread_ident
-        if ident is not None and ident != threading.get_ident() and not self.exited.is_set():
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        if self.thread_ident != threading.get_ident():  # our own thread is not in KVM_RUN now
+            self._signal()
 
     def sample_kick(self) -> None:
         """A kick for sampling: only a signal, so a kick that misses KVM_RUN costs nothing."""
+        self._signal()
+
+    def _signal(self) -> None:
         ident = self.thread_ident
         if ident is not None and not self.exited.is_set():
             try:
                 signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
+            except ProcessLookupError:  # the thread ended between the check and the kill
                 pass
 
     def request_stop(self) -> None:
