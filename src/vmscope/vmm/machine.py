@@ -460,18 +460,14 @@ class Machine:
     def on_vcpu_exited(self, runner: VcpuRunner) -> None:
         with self._stop_lock:
             self._exited_count += 1
-            if self._stop is None:
-                self._stop = _StopState(f"vCPU {runner.vcpu.id} stopped", 1)
             done = self._exited_count == len(self.runners)
         if done:
             self._finished_at = time.monotonic()
             self._all_exited.set()
         else:
             # one vCPU ending ends the VM: the others would otherwise run on unobserved
-            self.request_stop(
-                self._stop.reason if self._stop else "vCPU stopped",
-                self._stop.exit_status if self._stop else 1,
-            )
+            # (a no-op when a stop was already requested, which is the usual case)
+            self.request_stop(f"vCPU {runner.vcpu.id} stopped", 1)
 
     # -- statistics -------------------------------------------------------------------------
 
