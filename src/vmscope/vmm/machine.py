@@ -461,6 +461,8 @@ class Machine:
         with self._stop_lock:
             self._exited_count += 1
             done = self._exited_count == len(self.runners)
+            if done and self._stop is None:  # every loop exit requests a stop first; be safe anyway
+                self._stop = _StopState(f"vCPU {runner.vcpu.id} stopped", 1)
         if done:
             self._finished_at = time.monotonic()
             self._all_exited.set()
