@@ -17,6 +17,8 @@ examples:
   vmscope run                                  boot the bundled demo guest
   vmscope run --elf guest.elf --cmdline 'n=5'  boot a PVH or plain ELF guest
   vmscope run --kernel bzImage --initrd initrd.img --cmdline console=ttyS0
+  vmscope stat                                 exit statistics of the demo guest
+  vmscope record -o demo.vmprof && vmscope report demo.vmprof --format html -o demo.html
 """
 
 
