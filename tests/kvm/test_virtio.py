@@ -305,3 +305,29 @@ def test_one_guest_drives_several_devices_in_slot_order(guest: Path, tmp_path: P
     assert "virtio: feb02000 irq 7 device id 4" in serial
     assert "rng: 64 bytes" in serial and "blk: read back 1 blocks OK" in serial
     assert output.read_text() == "hello from the virtio test guest\n"
+
+
+def test_a_recorded_profile_splits_block_request_latency_into_its_parts(guest: Path, tmp_path: Path) -> None:
+    from vmscope.profiler.model import IO_PART_NAMES
+    from vmscope.profiler.recorder import ProfileRecorder
+    from vmscope.profiler.report import io_latency_rows
+
+    image = make_image(tmp_path / "disk.img")
+    with Machine(mem="64M") as machine:
+        install_platform_devices(machine, serial="none")
+        install_virtio_devices(machine, disks=(str(image),))
+        machine.load(guest, cmdline="mode=blk blocks=4 sector=8 seed=0x77 irq=1")
+        recorder = ProfileRecorder(machine)
+        recorder.start()
+        result = machine.run(timeout=30)
+        profile = recorder.finish()
+    assert result.exit_status == STATUS_OK
+    requests = [span for span in profile.spans if span.track == "io:virtio-blk0"]
+    assert requests and all(span.name.startswith("request:") for span in requests)
+    for span in requests:
+        assert span.args is not None and span.args["thread"] == "io:virtio-blk0"
+        parts = [int(span.args[name]) for name in IO_PART_NAMES]
+        assert all(part >= 0 for part in parts)
+        assert sum(parts) == span.end_ns - span.start_ns  # the parts add up to the request's latency
+    kinds = {row[1] for row in io_latency_rows(profile)}
+    assert {"write", "read", "flush"} <= kinds

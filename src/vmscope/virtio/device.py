@@ -360,10 +360,10 @@ class VirtioDevice(ABC):
         try:
             function(*args)
         except (VirtqueueError, GuestMemoryError) as error:
-            self.enter_needs_reset(f"{what}: {error}")
+            self.enter_needs_reset(f"{what}: {error}" if what else str(error))
         except Exception as error:  # a device-model bug must not take the VMM down
-            log.exception("%s: %s failed", self.name, what)
-            self.enter_needs_reset(f"{what}: internal error: {error!r}")
+            log.exception("%s: %s failed", self.name, what or "queue processing")
+            self.enter_needs_reset(f"{what or 'queue processing'}: internal error: {error!r}")
 
     # -- queues (transport side) -------------------------------------------------------------
 
@@ -431,7 +431,8 @@ class VirtioDevice(ABC):
                 return
             queue = self.queues[index]
             try:
-                self._guarded(f"queue {index}", self.process_queue, queue, stamp)
+                # errors from the queue name it already ("queue N: ..."); add nothing here
+                self._guarded("", self.process_queue, queue, stamp)
             finally:
                 self._flush_used_notifications()
 
