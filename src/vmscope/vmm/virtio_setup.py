@@ -21,6 +21,7 @@ from vmscope.virtio.console import VirtioConsole
 from vmscope.virtio.device import VirtioDevice
 from vmscope.virtio.net import VirtioNet
 from vmscope.virtio.net_backends import open_net_backend
+from vmscope.virtio.pci_attach import VirtioPciAttachment, attach_virtio_pci
 from vmscope.virtio.rng import VirtioRng
 from vmscope.vmm.machine import Machine
 
@@ -61,9 +62,11 @@ def parse_disk_spec(text: str) -> DiskSpec:
 
 def _attach(
     machine: Machine, device: VirtioDevice, transport: str | None, iothreads: bool
-) -> VirtioMmioAttachment:
+) -> VirtioMmioAttachment | VirtioPciAttachment:
     if transport == "pci":
-        raise ConfigError(f"{device.name}: transport=pci is not available yet; use transport=mmio")
+        pci_attachment = attach_virtio_pci(machine, device, iothreads=iothreads)
+        machine.virtio_attachments.append(pci_attachment)
+        return pci_attachment
     base, gsi = virtio_mmio_slot(len(machine.virtio_mmio_devices))
     attachment = attach_virtio_mmio(machine, device, base=base, gsi=gsi, iothreads=iothreads, trigger="level")
     machine.virtio_mmio_devices.append(attachment.acpi_entry())
@@ -80,9 +83,9 @@ def install_virtio_devices(
     console: str | None = None,
     rng: bool = False,
     iothreads: bool = True,
-) -> list[VirtioMmioAttachment]:
+) -> list[VirtioMmioAttachment | VirtioPciAttachment]:
     """Create and attach the devices the CLI options ask for, in a stable order (disks first)."""
-    attached: list[VirtioMmioAttachment] = []
+    attached: list[VirtioMmioAttachment | VirtioPciAttachment] = []
     for index, text in enumerate(disks):
         spec = parse_disk_spec(text)
         disk = VirtioBlock(

@@ -1,0 +1,57 @@
+"""PCI: bus 0 behind a host bridge (configuration mechanism #1), PCI functions, MSI-X.
+
+::
+
+    from vmscope.virtio import VirtioRng
+    from vmscope.virtio.pci_attach import attach_virtio_pci, pci_dsdt_aml
+
+    attachment = attach_virtio_pci(machine, VirtioRng(machine.memory))   # bus made on first use
+    dsdt_extra = pci_dsdt_aml(machine)                                   # PNP0A03 host bridge AML
+
+Modules: :mod:`.device` (configuration space, BARs, capabilities), :mod:`.bus` (0xCF8/0xCFC,
+the MMIO window, the ACPI host bridge), :mod:`.msix` (MSI-X table/PBA, GSI routing, irqfd delivery).
+The virtio transport on top is :mod:`vmscope.virtio.pci` (+ :mod:`vmscope.virtio.pci_attach`).
+"""
+
+from vmscope.pci.bus import (
+    CONFIG_ADDRESS_PORT,
+    CONFIG_PORTS_LENGTH,
+    PCI_MMIO_WINDOW_BASE,
+    PCI_MMIO_WINDOW_SIZE,
+    PciBus,
+    PciHostBridge,
+    PciMmioWindow,
+    intx_gsi,
+    pci_host_bridge_aml,
+)
+from vmscope.pci.device import BarKind, DecodedBar, PciBar, PciDevice
+from vmscope.pci.msix import (
+    DirectMsiSink,
+    GsiRouting,
+    IrqfdMsiSink,
+    MsiSink,
+    MsixCapability,
+    RecordingMsiSink,
+)
+
+__all__ = [
+    "CONFIG_ADDRESS_PORT",
+    "CONFIG_PORTS_LENGTH",
+    "PCI_MMIO_WINDOW_BASE",
+    "PCI_MMIO_WINDOW_SIZE",
+    "BarKind",
+    "DecodedBar",
+    "DirectMsiSink",
+    "GsiRouting",
+    "IrqfdMsiSink",
+    "MsiSink",
+    "MsixCapability",
+    "PciBar",
+    "PciBus",
+    "PciDevice",
+    "PciHostBridge",
+    "PciMmioWindow",
+    "RecordingMsiSink",
+    "intx_gsi",
+    "pci_host_bridge_aml",
+]

@@ -1,0 +1,334 @@
+"""Put a virtio device on a machine's PCI bus (modern virtio-pci), with or without an I/O thread.
+
+The machine's PCI platform (:func:`pci_platform`) is made on first use and kept as the
+attribute ``_vmscope_pci`` of the machine object: one :class:`PciBus` at ports 0xCF8-0xCFF
+(8 ports), its MMIO window (0xE000_0000 + 256 MiB, see :mod:`vmscope.pci.bus`) on the MMIO
+bus, the machine's :class:`GsiRouting` table and the shared INTx lines.
+
+Per device (:func:`attach_virtio_pci`):
+
+* slot: the lowest free one from 1 (00:00.0 is the host bridge); BAR 0: the next free,
+  naturally aligned 32 KiB of the window, pre-assigned so guests without firmware find it
+  programmed (Linux keeps BARs that lie inside the host bridge's _CRS window);
+* MSI-X: one vector per queue plus one for configuration changes. With I/O threads every
+  vector gets its own GSI from 24 up, a KVM routing entry of type MSI (written when the vector
+  first fires with a message, and when the message changed) and an irqfd, so the I/O thread
+  raises it with one eventfd write and the vCPU never exits. Without them, KVM_SIGNAL_MSI;
+* INTx (for drivers that do not enable MSI-X): pin A on GSI 16 + slot mod 8, level-triggered
+  (the ACPI _PRT says so, :func:`vmscope.pci.bus.pci_host_bridge_aml`). With I/O threads an
+  irqfd with a resample eventfd; without, KVM_IRQ_LINE held while the ISR is non-zero, through
+  a wired-OR so slots sharing a GSI do not lower each other's line;
+* notifications: with I/O threads one ioeventfd per queue on its own notification address,
+  length 0 (any write width; KVM's fast MMIO path) or, where KVM refuses that, 2 bytes with
+  datamatch = the queue index (the value Linux writes). They follow the BAR: registered while
+  it decodes, moved with it, removed while Memory Space is off.
+
+Only ``Machine`` / ``Vm`` methods are used; every ioctl stays in :mod:`vmscope.kvm`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vmscope.devices.base import Device, InterruptLine
+from vmscope.errors import ConfigError, KvmError
+from vmscope.kvm import structs as s
+from vmscope.memory.guest_memory import GuestMemory
+from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, intx_gsi, pci_host_bridge_aml
+from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
+from vmscope.pci.msix import DirectMsiSink, GsiRouting, IrqfdMsiSink, MsiSink
+from vmscope.virtio.device import EventfdSignal, InterruptSignal, LineLevelSignal, VirtioDevice
+from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd, new_eventfd
+from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
+
+log = logging.getLogger("vmscope.virtio.pci_attach")
+
+PLATFORM_ATTRIBUTE = "_vmscope_pci"
+
+
+class PciVmLike(Protocol):
+    """The :class:`vmscope.kvm.Vm` methods a PCI attachment uses."""
+
+    def register_ioeventfd(
+        self,
+        event_fd: int,
+        address: int,
+        length: int,
+        *,
+        pio: bool,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None: ...
+
+    def register_irqfd(self, event_fd: int, gsi: int, resample_fd: int | None = None) -> None: ...
+
+    def unregister_irqfd(self, event_fd: int, gsi: int) -> None: ...
+
+    def set_gsi_routing(self, entries: list[s.kvm_irq_routing_entry]) -> None: ...
+
+    def signal_msi(self, address: int, data: int) -> int: ...
+
+
+class PciMachineLike(Protocol):
+    """The :class:`vmscope.vmm.machine.Machine` members a PCI attachment uses."""
+
+    @property
+    def memory(self) -> GuestMemory: ...
+
+    @property
+    def vm(self) -> PciVmLike: ...
+
+    def interrupt_line(self, gsi: int) -> InterruptLine: ...
+
+    def add_pio_device(self, base: int, length: int, device: Device) -> None: ...
+
+    def add_mmio_device(self, base: int, length: int, device: Device) -> None: ...
+
+
+class WiredOrLine:
+    """Several level-triggered sources on one :class:`InterruptLine`: high while any source is."""
+
+    def __init__(self, line: InterruptLine) -> None:
+        self._line = line
+        self._levels: dict[int, bool] = {}
+        self._lock = threading.Lock()
+
+    def source(self) -> InterruptLine:
+        with self._lock:
+            key = len(self._levels)
+            self._levels[key] = False
+        return _LineSource(self, key)
+
+    def _set(self, key: int, asserted: bool) -> None:
+        with self._lock:
+            self._levels[key] = asserted
+            self._line.set_level(any(self._levels.values()))
+
+
+class _LineSource:
+    def __init__(self, shared: WiredOrLine, key: int) -> None:
+        self._shared = shared
+        self._key = key
+
+    def set_level(self, asserted: bool) -> None:
+        self._shared._set(self._key, asserted)
+
+
+@dataclass
+class PciPlatform:
+    """A machine's PCI bus, its GSI routing table and its shared INTx lines."""
+
+    bus: PciBus
+    routing: GsiRouting | None = None
+    lines: dict[int, WiredOrLine] = field(default_factory=dict)
+
+
+def pci_platform(machine: PciMachineLike, *, create: bool = True) -> PciPlatform | None:
+    """The machine's PCI platform; made (bus mapped at 0xCF8 and on the MMIO window) on first use."""
+    platform: PciPlatform | None = getattr(machine, PLATFORM_ATTRIBUTE, None)
+    if platform is None and create:
+        bus = PciBus()
+        machine.add_pio_device(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, bus)
+        machine.add_mmio_device(bus.window_base, bus.window_size, bus.mmio_window)
+        platform = PciPlatform(bus)
+        setattr(machine, PLATFORM_ATTRIBUTE, platform)
+    return platform
+
+
+def pci_dsdt_aml(machine: PciMachineLike) -> bytes:
+    """The DSDT's PCI host bridge for ``machine`` (b"" when it has no PCI bus): pass it to build_dsdt."""
+    platform = pci_platform(machine, create=False)
+    if platform is None:
+        return b""
+    return pci_host_bridge_aml(window_base=platform.bus.window_base, window_size=platform.bus.window_size)
+
+
+def _gsi_routing(machine: PciMachineLike, platform: PciPlatform) -> GsiRouting:
+    if platform.routing is None:
+        platform.routing = GsiRouting(machine.vm)
+    return platform.routing
+
+
+@dataclass
+class VirtioPciAttachment:
+    """A virtio device on the machine's PCI bus; closing the transport (or this) tears it down."""
+
+    device: VirtioDevice
+    transport: VirtioPciTransport
+    bus: PciBus
+    slot: int
+    bar_address: int
+    intx_gsi: int
+    iothreads: bool
+    io: VirtioIoThread
+    msi_sink: MsiSink
+    vm: PciVmLike
+    irq_fd: int | None = None
+    resample_fd: int | None = None
+    #: (eventfd, address, length, datamatch) of the notification ioeventfds registered now
+    notify_ioeventfds: list[tuple[int, int, int, int | None]] = field(default_factory=list)
+    _cleanups: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _notify_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def bar_size(self) -> int:
+        return BAR_SIZE
+
+    @property
+    def io_thread_name(self) -> str:
+        return self.io.thread.name
+
+    @property
+    def msi_gsis(self) -> list[int]:
+        """The GSIs of the MSI-X vectors (irqfd delivery only)."""
+        return list(self.msi_sink.gsis) if isinstance(self.msi_sink, IrqfdMsiSink) else []
+
+    def move_notifications(self, base: int | None) -> None:
+        """The notification area moved to ``base`` (None: it stopped decoding): move the ioeventfds."""
+        with self._notify_lock:
+            self._deassign_notifications()
+            if base is None:
+                return
+            for index, fd in enumerate(self.io.queue_fds):
+                address = base + 4 * index
+                # any write width first; where KVM refuses it, the 2-byte queue index Linux writes
+                for length, datamatch in ((0, None), (2, index)):
+                    try:
+                        self.vm.register_ioeventfd(fd, address, length, pio=False, datamatch=datamatch)
+                    except KvmError as error:
+                        # e.g. the guest overlapped two BARs: this queue's notifications then exit
+                        # to the transport, which hands them to the I/O thread all the same
+                        log.debug("%s: ioeventfd at %#x refused: %s", self.device.name, address, error)
+                        continue
+                    self.notify_ioeventfds.append((fd, address, length, datamatch))
+                    break
+                else:
+                    log.warning(
+                        "%s: queue %d notifications at %#x will exit", self.device.name, index, address
+                    )
+
+    def _deassign_notifications(self) -> None:
+        registered, self.notify_ioeventfds = self.notify_ioeventfds, []
+        for fd, address, length, datamatch in registered:
+            try:
+                self.vm.register_ioeventfd(fd, address, length, pio=False, datamatch=datamatch, deassign=True)
+            except Exception as error:  # keep going: the VM fd may be closing
+                log.warning("%s: removing the ioeventfd at %#x failed: %s", self.device.name, address, error)
+
+    def _intx_resampled(self) -> None:
+        """KVM lowered the INTx line at the guest's EOI: raise it again while the ISR is non-zero."""
+        if self.resample_fd is None or not drain_eventfd(self.resample_fd):
+            return
+        transport = self.transport
+        if transport.msix.enabled or transport.command & COMMAND_INTX_DISABLE:
+            return
+        if self.device.interrupt_status:
+            transport.intx.trigger()
+
+    def _teardown(self) -> None:
+        """Stop the I/O thread, then undo the KVM registrations and close the eventfds."""
+        self.io.stop()
+        with self._notify_lock:
+            self._deassign_notifications()
+        cleanups, self._cleanups = self._cleanups, []
+        for cleanup in reversed(cleanups):
+            try:
+                cleanup()
+            except Exception as error:  # keep going: the VM fd is about to be closed anyway
+                log.warning("%s: teardown step failed: %s", self.device.name, error)
+        self.io.close()
+
+    def close(self) -> None:
+        """Tear down and close the device (what closing the machine does through the PCI bus)."""
+        self.transport.close()
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def attach_virtio_pci(
+    machine: PciMachineLike, device: VirtioDevice, *, iothreads: bool = True, slot: int | None = None
+) -> VirtioPciAttachment:
+    """Put ``device`` on the machine's PCI bus, wire its interrupts and start its I/O thread."""
+    if device.memory is not machine.memory:
+        raise ConfigError(f"{device.name} was built on another machine's guest memory")
+    platform = pci_platform(machine)
+    assert platform is not None
+    bus, vm = platform.bus, machine.vm
+    cleanups: list[Callable[[], None]] = []
+    io = VirtioIoThread(device, queue_eventfds=iothreads)
+    try:
+        msi_sink: MsiSink
+        if iothreads:
+            irqfd_sink = IrqfdMsiSink(vm, _gsi_routing(machine, platform), device.num_queues + 1)
+            cleanups.append(irqfd_sink.close)
+            msi_sink = irqfd_sink
+        else:
+            msi_sink = DirectMsiSink(vm)
+        bar_address = bus.allocate_bar_address(BAR_SIZE)
+        transport = VirtioPciTransport(device, bar_address=bar_address, msi_sink=msi_sink)
+        chosen = bus.add(transport, slot=slot)
+    except BaseException:
+        for cleanup in reversed(cleanups):
+            cleanup()
+        io.close()
+        raise
+    gsi = intx_gsi(chosen)
+    transport.set_u8(PCI_INTERRUPT_LINE, gsi)  # what firmware would have written; ACPI's _PRT agrees
+    attachment = VirtioPciAttachment(
+        device, transport, bus, chosen, bar_address, gsi, iothreads, io, msi_sink, vm, _cleanups=cleanups
+    )
+    try:
+        if iothreads:
+            _wire_eventfds(attachment)
+        else:
+            shared = platform.lines.get(gsi)
+            if shared is None:
+                shared = platform.lines[gsi] = WiredOrLine(machine.interrupt_line(gsi))
+            transport.intx = LineLevelSignal(shared.source())
+    except BaseException:
+        # the function stays on the bus (a bus cannot unplug), but inert: the device is closed
+        attachment._teardown()
+        device.close()
+        raise
+    transport.add_close_callback(attachment._teardown)
+    io.start()
+    log.debug(
+        "%s at 00:%02x.0, BAR 0 %#x, INTx GSI %d, MSI GSIs %s (%s)",
+        device.name,
+        chosen,
+        bar_address,
+        gsi,
+        attachment.msi_gsis or "direct",
+        "I/O thread" if iothreads else "vCPU notify",
+    )
+    return attachment
+
+
+def _wire_eventfds(attachment: VirtioPciAttachment) -> None:
+    """Notification ioeventfds that follow the BAR, and the level-triggered INTx irqfd."""
+    vm, transport, io, cleanups = attachment.vm, attachment.transport, attachment.io, attachment._cleanups
+    transport.notify_listeners.append(attachment.move_notifications)
+    # a notification that still exits (e.g. through the PCI_CFG window) goes to the I/O thread too
+    transport.notify_handler = io.kick
+    attachment.move_notifications(transport.notify_base)
+
+    irq_fd = new_eventfd()
+    cleanups.append(functools.partial(_close_fd, irq_fd))
+    resample_fd = new_eventfd()
+    cleanups.append(functools.partial(_close_fd, resample_fd))
+    attachment.irq_fd, attachment.resample_fd = irq_fd, resample_fd
+    vm.register_irqfd(irq_fd, attachment.intx_gsi, resample_fd)
+    cleanups.append(functools.partial(vm.unregister_irqfd, irq_fd, attachment.intx_gsi))
+    intx: InterruptSignal = EventfdSignal(irq_fd)
+    transport.intx = intx
+    io.thread.add_reader(resample_fd, attachment._intx_resampled)
