@@ -125,3 +125,17 @@ def test_polling_needs_no_interrupt(guest: Path, tmp_path: Path) -> None:
     # MSI-X stayed off, so the device raised INTx; the guest never unmasked its IO-APIC pin
     transport = run.attachment.transport
     assert transport.msix.sent == 0 and transport.interrupt.intx_triggers == 1
+
+
+def test_a_machine_with_pci_devices_describes_the_host_bridge_in_its_dsdt(guest: Path) -> None:
+    from vmscope.arch.x86.acpi import parse_acpi_tables
+    from vmscope.virtio.pci_attach import pci_dsdt_aml
+
+    with Machine(mem="64M") as machine:
+        install_platform_devices(machine, serial="none")
+        assert pci_dsdt_aml(machine) == b""  # no PCI device, no host bridge
+        attach_virtio_pci(machine, VirtioRng(machine.memory))
+        bridge = pci_dsdt_aml(machine)
+        machine.load(guest)
+        dsdt = parse_acpi_tables(machine.memory).tables["DSDT"].data
+    assert bridge and bridge in dsdt

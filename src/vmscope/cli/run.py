@@ -11,6 +11,7 @@ from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.control import attach_control_server
 from vmscope.errors import ConfigError
 from vmscope.loader import LoadedGuest
+from vmscope.loader.bzimage import is_bzimage
 from vmscope.profiler.symbols import Symbolizer
 from vmscope.vmm.machine import Machine, RunResult
 from vmscope.vmm.platform import install_platform_devices
@@ -110,9 +111,11 @@ def build_machine(args: argparse.Namespace) -> Machine:
     machine = Machine(mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features)
     try:
         install_platform_devices(machine, serial=args.serial, debug_exit_port=args.debug_exit_port)
+        # Linux distribution kernels find virtio over PCI; PVH/ELF guests use virtio-mmio
+        linux_kernel = args.kernel is not None and is_bzimage(args.kernel)
         install_virtio_devices(
             machine, disks=args.disk, nets=args.net, console=args.console, rng=args.rng,
-            iothreads=args.iothreads == "on",
+            iothreads=args.iothreads == "on", default_transport="pci" if linux_kernel else "mmio",
         )  # fmt: skip
         modules = [args.initrd] if args.initrd is not None else []
         if args.flat is not None:

@@ -37,6 +37,7 @@ from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
+from vmscope.virtio.pci_attach import pci_dsdt_aml
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
@@ -299,6 +300,7 @@ class Machine:
                 virtio_mmio_devices=self.virtio_mmio_devices,
                 cmos_rtc=self.pio_bus.lookup(0x70) is not None,
                 i8042=self.pio_bus.lookup(0x60) is not None,
+                extra_dsdt_aml=pci_dsdt_aml(self),
             )
             build_mptable(self.memory, self.cpu_count)
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges

@@ -1,6 +1,8 @@
 """Virtio devices from command-line specs, attached to a machine and described to the guest.
 
-Each device gets the next default virtio-mmio slot (MMIO window and GSI). The guest learns
+Over virtio-pci a device gets a slot on the machine's PCI bus, found by the guest through the
+PCI host bridge in the ACPI DSDT (or by probing config space). Over virtio-mmio it gets the next
+default slot (MMIO window and GSI), and the guest learns
 about it both ways, so kernels built either way find it: a LNRO0005 device in the ACPI DSDT
 and a ``virtio_mmio.device=`` entry on the kernel command line (Linux needs
 CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the latter; Debian's kernel uses ACPI). The DSDT
@@ -83,23 +85,30 @@ def install_virtio_devices(
     console: str | None = None,
     rng: bool = False,
     iothreads: bool = True,
+    default_transport: str = "mmio",
 ) -> list[VirtioMmioAttachment | VirtioPciAttachment]:
-    """Create and attach the devices the CLI options ask for, in a stable order (disks first)."""
+    """Create and attach the devices the CLI options ask for, in a stable order (disks first).
+
+    ``default_transport`` applies where a spec names none: "mmio" suits PVH/ELF guests, "pci"
+    Linux distribution kernels (no virtio_mmio command-line devices; PCI found through ACPI).
+    """
     attached: list[VirtioMmioAttachment | VirtioPciAttachment] = []
     for index, text in enumerate(disks):
         spec = parse_disk_spec(text)
         disk = VirtioBlock(
             machine.memory, spec.path, read_only=spec.readonly, serial=spec.serial, name=f"virtio-blk{index}"
         )
-        attached.append(_attach(machine, disk, spec.transport, iothreads))
+        attached.append(_attach(machine, disk, spec.transport or default_transport, iothreads))
     for index, text in enumerate(nets):
         backend_spec, _, mac_option = text.partition(",mac=")
         backend = open_net_backend(backend_spec)
         net = VirtioNet(machine.memory, backend, mac=mac_option or None, name=f"virtio-net{index}")
-        attached.append(_attach(machine, net, None, iothreads))
+        attached.append(_attach(machine, net, default_transport, iothreads))
     if console is not None:
         device = VirtioConsole(machine.memory, open_serial_backend(console), name="virtio-console0")
-        attached.append(_attach(machine, device, None, iothreads))
+        attached.append(_attach(machine, device, default_transport, iothreads))
     if rng:
-        attached.append(_attach(machine, VirtioRng(machine.memory, name="virtio-rng0"), None, iothreads))
+        attached.append(
+            _attach(machine, VirtioRng(machine.memory, name="virtio-rng0"), default_transport, iothreads)
+        )
     return attached

@@ -482,15 +482,17 @@ def build_acpi_tables(
     virtio_mmio_devices: Sequence[VirtioMmioDevice | tuple[int, int, int]] = (),
     cmos_rtc: bool = False,
     i8042: bool = False,
+    extra_dsdt_aml: bytes = b"",
 ) -> AcpiTables:
     """Write RSDP, XSDT, RSDT, FADT, FACS, MADT and DSDT into the BIOS area (layout above).
 
     ``cmos_rtc`` / ``i8042``: whether the machine has an RTC at ports 0x70-0x71 / an 8042 at
-    0x60 and 0x64; the FADT's boot architecture flags tell the guest.
+    0x60 and 0x64; the FADT's boot architecture flags tell the guest. ``extra_dsdt_aml``: more
+    device objects for the DSDT's \\_SB scope (the PCI host bridge).
     """
     if not 1 <= cpu_count <= MAX_CPUS:
         raise ConfigError(f"ACPI tables describe 1 to {MAX_CPUS} vCPUs, not {cpu_count}")
-    dsdt = build_dsdt(virtio_mmio_aml(virtio_mmio_devices))
+    dsdt = build_dsdt(virtio_mmio_aml(virtio_mmio_devices) + extra_dsdt_aml)
     madt = build_madt(cpu_count)
 
     cursor = ACPI_AREA_START
