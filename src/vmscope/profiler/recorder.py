@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmscope.kvm import constants as c
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
@@ -143,11 +142,7 @@ class ProfileRecorder:
         detail: str | None = None,
     ) -> Sample | None:
         vcpu = runner.vcpu
-        run = vcpu.run_struct
-        if run.kvm_valid_regs & (c.SYNC_X86_REGS | c.SYNC_X86_SREGS) == (c.SYNC_X86_REGS | c.SYNC_X86_SREGS):
-            regs, sregs = run.s.regs.regs, run.s.regs.sregs
-        else:  # sync regs off (no hook yet): the ioctls are slower but always right
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        regs, sregs = runner.registers()
         protected = bool(sregs.cr0 & 1)
         cpl = (sregs.cs.selector & 3) if protected else 0
         mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
+from vmscope.kvm import structs as s
 from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.vmm.exit_stats import VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
@@ -95,6 +96,8 @@ class VcpuRunner:
         self.hook_cache: dict[int, tuple[ExitHook, ...]] = {}
         self._hook_failures_logged: set[int] = set()
         self._decoded_keys: dict[int, tuple[str, int, str]] = {}
+        #: whether the kvm_run sync area holds this exit's registers (see registers())
+        self.registers_fresh = False
         #: set by the machine; read by the loop only after a kick (EINTR)
         self.stop_requested = False
         self.pause_requested = False
@@ -130,7 +133,8 @@ class VcpuRunner:
             mmio = run.exit.mmio
             data = bytes(mmio.data)[: min(mmio.len, 8)]
         rip = 0
-        if run.kvm_valid_regs & c.SYNC_X86_REGS:
+        self.registers_fresh = bool(run.kvm_valid_regs & c.SYNC_X86_REGS)
+        if self.registers_fresh:
             rip = run.s.regs.regs.rip
         elif any(hook.wants_registers for hook in hooks):
             rip = vcpu.get_regs().rip  # this once by ioctl; synced from the next exit on
@@ -147,6 +151,17 @@ class VcpuRunner:
                     log.exception(
                         "exit hook %r failed (further failures are counted, not logged)", hook.callback
                     )
+
+    def registers(self) -> tuple[s.kvm_regs, s.kvm_sregs]:
+        """The guest's registers at the current exit or kick (call on this vCPU's thread).
+
+        From the kvm_run sync area when KVM filled it for this exit, else by ioctl: the exit
+        during which syncing was switched on still has an empty sync area.
+        """
+        run = self.vcpu.run_struct
+        if self.registers_fresh and run.kvm_valid_regs & c.SYNC_X86_SREGS:
+            return run.s.regs.regs, run.s.regs.sregs
+        return self.vcpu.get_regs(), self.vcpu.get_sregs()
 
     # -- thread control ---------------------------------------------------------------------
 
@@ -217,6 +232,8 @@ class VcpuRunner:
         if self.stop_requested:  # a stop that raced with clearing immediate_exit
             return False
         if self.on_kick is not None:
+            # syncing is only ever switched on between runs, so a set bit means KVM filled it
+            self.registers_fresh = bool(self.vcpu.run_struct.kvm_valid_regs & c.SYNC_X86_REGS)
             self.on_kick(self)
         return True
 
