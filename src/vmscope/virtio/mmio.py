@@ -74,6 +74,15 @@ _QUEUE_ADDRESS_REGISTERS = {
 }
 
 
+
+def run_close_callbacks(name: str, callbacks: list[Callable[[], None]]) -> None:
+    """Run a transport's teardown steps in order; one failing step must not leak the rest."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("%s: closing the transport failed", name)
+
 class VirtioMmioTransport(Device):
     """Maps the virtio-mmio v2 register file onto a :class:`VirtioDevice`."""
 
@@ -130,11 +139,7 @@ class VirtioMmioTransport(Device):
 
     def close(self) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # one failing step must not leak the rest
-                log.exception("%s: closing the transport failed", self.name)
+        run_close_callbacks(self.name, callbacks)
         self.device.close()
 
     # -- registers ------------------------------------------------------------------------------

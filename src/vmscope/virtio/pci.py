@@ -64,6 +64,7 @@ from vmscope.virtio.device import (
     NullInterruptSignal,
     VirtioDevice,
 )
+from vmscope.virtio.mmio import run_close_callbacks
 from vmscope.virtio.queue import Virtqueue
 
 log = logging.getLogger("vmscope.virtio.pci")
@@ -533,10 +534,6 @@ class VirtioPciTransport(PciDevice):
 
     def close(self) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # one failing step must not leak the rest
-                log.exception("%s: closing the transport failed", self.name)
+        run_close_callbacks(self.name, callbacks)
         self.interrupt.uninstall()
         self.device.close()

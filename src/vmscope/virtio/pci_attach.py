@@ -40,10 +40,10 @@ from typing import Protocol
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
 from vmscope.kvm import structs as s
-from vmscope.memory.guest_memory import GuestMemory
 from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, intx_gsi, pci_host_bridge_aml
 from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
 from vmscope.pci.msix import DirectMsiSink, GsiRouting, IrqfdMsiSink, MsiSink
+from vmscope.virtio.attach import MachineLike, VmLike
 from vmscope.virtio.device import EventfdSignal, InterruptSignal, LineLevelSignal, VirtioDevice
 from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd, new_eventfd
 from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
@@ -53,43 +53,21 @@ log = logging.getLogger("vmscope.virtio.pci_attach")
 PLATFORM_ATTRIBUTE = "_vmscope_pci"
 
 
-class PciVmLike(Protocol):
-    """The :class:`vmscope.kvm.Vm` methods a PCI attachment uses."""
-
-    def register_ioeventfd(
-        self,
-        event_fd: int,
-        address: int,
-        length: int,
-        *,
-        pio: bool,
-        datamatch: int | None = None,
-        deassign: bool = False,
-    ) -> None: ...
-
-    def register_irqfd(self, event_fd: int, gsi: int, resample_fd: int | None = None) -> None: ...
-
-    def unregister_irqfd(self, event_fd: int, gsi: int) -> None: ...
+class PciVmLike(VmLike, Protocol):
+    """The :class:`vmscope.kvm.Vm` methods a PCI attachment uses beyond virtio-mmio's."""
 
     def set_gsi_routing(self, entries: list[s.kvm_irq_routing_entry]) -> None: ...
 
     def signal_msi(self, address: int, data: int) -> int: ...
 
 
-class PciMachineLike(Protocol):
+class PciMachineLike(MachineLike, Protocol):
     """The :class:`vmscope.vmm.machine.Machine` members a PCI attachment uses."""
-
-    @property
-    def memory(self) -> GuestMemory: ...
 
     @property
     def vm(self) -> PciVmLike: ...
 
-    def interrupt_line(self, gsi: int) -> InterruptLine: ...
-
     def add_pio_device(self, base: int, length: int, device: Device) -> None: ...
-
-    def add_mmio_device(self, base: int, length: int, device: Device) -> None: ...
 
 
 class WiredOrLine:
