@@ -110,6 +110,15 @@ def vmscope_vmm() -> Vmm:
     return Vmm("vmscope", command, env=env)
 
 
+def python_floor_vmm() -> Vmm:
+    script = Path(__file__).resolve().with_name("python_floor.py")
+    return Vmm(
+        "bare Python loop",
+        lambda elf, cmdline: [sys.executable, str(script), str(elf), cmdline],
+        note="KVM_RUN + exit decode only: the floor for any Python VMM",
+    )
+
+
 def qemu_vmm(binary: str, cpu: str) -> Vmm:
     def command(elf: Path, cmdline: str) -> list[str]:
         return [
@@ -219,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         vmscope_result = vmscope_vmm()
         vmscope_result.error = probe(vmscope_result, elf)
-        vmms = [reference, vmscope_result]
+        floor = python_floor_vmm()
+        floor.error = probe(floor, elf)
+        vmms = [reference, floor, vmscope_result]
         qemu = shutil.which("qemu-system-x86_64")
         if qemu and not args.no_qemu:
             qemu_host = qemu_vmm(qemu, "host")
@@ -264,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         if vmm.note and vmm.error is None:
             print(f"{vmm.name}: {vmm.note}")
     ref_cost = reference.per_exit_us(args.exits)
-    vmscope = vmms[1]
-    qemu_result = vmms[2] if len(vmms) > 2 else None
+    by_name = {vmm.name: vmm for vmm in vmms}
+    vmscope = by_name["vmscope"]
+    qemu_result = by_name.get("QEMU microvm")
     if vmscope.error is not None:
         print(f"target vmscope <= {TARGET_RATIO_TO_REFERENCE}x C reference: SKIP (vmscope not available)")
         print("target vmscope <= QEMU: SKIP (vmscope not available)")
