@@ -294,7 +294,8 @@ class ProfileRecorder:
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
     """Copy the machine's always-on exit accounting, unclaimed accesses and KVM stats into ``profile``."""
     for runner in machine.runners:
-        for key, histogram in runner.stats.handling.items():
+        # list() copies in one step under the GIL: vCPU threads may add keys while we read
+        for key, histogram in list(runner.stats.handling.items()):
             reason, address, access = decode_exit_key(key)
             device = None
             if reason == "IO":
@@ -306,7 +307,7 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
         profile.guest_time_histogram(runner.vcpu.id).merge(runner.stats.guest)
     for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
         for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
-            for (address, size), count in counter.items():
+            for (address, size), count in list(counter.items()):
                 profile.record_unclaimed(space, address, size, is_write, count=count)
     try:
         for name, values in machine.kvm_stats().items():

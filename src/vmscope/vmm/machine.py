@@ -382,7 +382,7 @@ class Machine:
             (bus.name, address, size, access, count)
             for bus in (self.pio_bus, self.mmio_bus)
             for access, counter in (("read", bus.unclaimed_reads), ("write", bus.unclaimed_writes))
-            for (address, size), count in counter.items()
+            for (address, size), count in list(counter.items())
         ]
         return sorted(rows, key=lambda row: -row[4])[:limit]
 
