@@ -329,58 +329,67 @@ class VirtioBlock(VirtioDevice):
         self, queue: Virtqueue, chain: DescriptorChain, notified_ns: int, pickup_ns: int, thread: str
     ) -> RequestTrace:
         memory = self.memory
-        readable_length = chain.readable_length
-        writable_length = chain.writable_length
+        readable, writable = chain.readable, chain.writable
+        readable_length = sum(length for _, length in readable)
         if readable_length < REQUEST_HEADER.size:
             raise VirtqueueError(
                 f"request {chain.head}: {readable_length} device-readable bytes, the header needs "
                 f"{REQUEST_HEADER.size} (a device-writable buffer where a readable one belongs?)"
             )
-        if writable_length < 1:
+        if not writable:
             raise VirtqueueError(f"request {chain.head}: no device-writable byte for the status")
-        request_type, _reserved, sector = REQUEST_HEADER.unpack(gather(memory, chain.readable, 0, 16))
+        writable_length = sum(length for _, length in writable)
+        header_address, header_length = readable[0]
+        if header_length >= REQUEST_HEADER.size:  # the usual layout: the header in one buffer
+            header = memory.read(header_address, REQUEST_HEADER.size)
+        else:
+            header = gather(memory, readable, 0, REQUEST_HEADER.size)
+        request_type, _reserved, sector = REQUEST_HEADER.unpack(header)
         status_offset = writable_length - 1
         written = 0
         length = 0
-        backend_start = backend_end = time.perf_counter_ns()
+        perf_counter_ns = time.perf_counter_ns
         self.requests += 1
         try:
             if request_type == VIRTIO_BLK_T_IN:
                 length = status_offset
-                backend_start = time.perf_counter_ns()
+                backend_start = perf_counter_ns()
                 try:
                     self._read(sector, chain, length)
                 finally:
-                    backend_end = time.perf_counter_ns()
+                    backend_end = perf_counter_ns()
                 written = length
                 self.bytes_read += length
             elif request_type == VIRTIO_BLK_T_OUT:
                 length = readable_length - REQUEST_HEADER.size
-                backend_start = time.perf_counter_ns()
+                backend_start = perf_counter_ns()
                 try:
                     self._write(sector, chain, length)
                 finally:
-                    backend_end = time.perf_counter_ns()
+                    backend_end = perf_counter_ns()
                 self.bytes_written += length
             elif request_type == VIRTIO_BLK_T_FLUSH:
-                backend_start = time.perf_counter_ns()
+                backend_start = perf_counter_ns()
                 try:
                     self._sync()
                 finally:
-                    backend_end = time.perf_counter_ns()
+                    backend_end = perf_counter_ns()
             elif request_type == VIRTIO_BLK_T_GET_ID:
+                backend_start = backend_end = perf_counter_ns()
                 identifier = self.serial.ljust(ID_BYTES, b"\0")[: min(ID_BYTES, status_offset)]
-                written = scatter(memory, chain.writable, identifier)
+                written = scatter(memory, writable, identifier)
             elif request_type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                backend_start = backend_end = perf_counter_ns()
                 segments = self._parse_segments(request_type, chain, readable_length)
                 sector = segments[0][0]
                 length = sum(count for _, count, _ in segments) * SECTOR_SIZE
-                backend_start = time.perf_counter_ns()
+                backend_start = perf_counter_ns()
                 try:
                     self._zero_or_discard(request_type, segments)
                 finally:
-                    backend_end = time.perf_counter_ns()
+                    backend_end = perf_counter_ns()
             else:
+                backend_start = backend_end = perf_counter_ns()
                 raise _RequestFailed(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {request_type}")
             status = VIRTIO_BLK_S_OK
         except _RequestFailed as failure:
@@ -391,7 +400,9 @@ class VirtioBlock(VirtioDevice):
             else:
                 self.io_errors += 1
             log.debug("%s: request %d failed (status %d): %s", self.name, chain.head, status, failure)
-        scatter(memory, chain.writable, bytes((status,)), status_offset)
+        # the status is the last device-writable byte: the last byte of the last writable buffer
+        status_address, status_length = writable[-1]
+        memory.write_u8(status_address + status_length - 1, status)
         queue.push_used(chain.head, written + 1)
         return RequestTrace(
             self.name,
@@ -405,7 +416,7 @@ class VirtioBlock(VirtioDevice):
             pickup_ns,
             backend_start,
             backend_end,
-            time.perf_counter_ns(),
+            perf_counter_ns(),
             thread=thread,
         )
 
@@ -443,6 +454,20 @@ class VirtioBlock(VirtioDevice):
 
     def _transfer(self, fd: int, pieces: list[tuple[int, int]], offset: int, *, write: bool) -> None:
         """preadv/pwritev between guest buffers and the image, all bytes or IOERR."""
+        if len(pieces) == 1:  # the usual case: one data buffer, usually moved by one syscall
+            address, size = pieces[0]
+            view = self.memory.view(address, size)
+            try:
+                done = os.pwrite(fd, view, offset) if write else os.preadv(fd, (view,), offset)
+            except OSError as error:
+                raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}") from None
+            finally:
+                view.release()
+            if done == size:
+                return
+            if done <= 0:
+                raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
+            pieces, offset = [(address + done, size - done)], offset + done
         for start in range(0, len(pieces), _IOV_MAX):
             views = buffer_views(self.memory, pieces[start : start + _IOV_MAX])
             try:

@@ -529,3 +529,5 @@ class VirtioDevice(ABC):
         """Release host resources; later notifications are ignored."""
         with self._lock:
             self._closed = True
+            for queue in self.queues:  # drop the queues' views so guest RAM can be unmapped
+                queue.release()

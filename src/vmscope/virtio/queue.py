@@ -7,6 +7,12 @@ and anything malformed raises :class:`VirtqueueError`, which the device turns in
 DEVICE_NEEDS_RESET. No check here can be bypassed by rewriting guest memory while a
 chain is walked: each descriptor is copied out once and only the copy is used.
 
+Speed. :meth:`Virtqueue.activate` validates the three areas once and keeps zero-copy views
+of the descriptor table and the available ring (from ``GuestMemory.view``), so a descriptor
+is one ``unpack_from`` and an available entry another; buffer addresses are checked against
+the first RAM region inline before falling back to ``GuestMemory.contains``. The views are
+released by :meth:`Virtqueue.reset` and :meth:`Virtqueue.release`.
+
 Memory ordering: the available ``idx`` is read once per batch (``pop`` only re-reads it
 when every entry seen so far has been consumed), and ``push_used`` stores the used
 element before the used ``idx``. Python stores to the mmap happen in program order and
@@ -38,6 +44,7 @@ DEFAULT_MAX_CHAIN_BYTES = 64 << 20
 
 _DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class VirtqueueError(DeviceError):
@@ -95,9 +102,16 @@ class Virtqueue:
         # negotiated features, set by the device when the driver sets DRIVER_OK / activates
         self.indirect_enabled = False
         self.event_idx_enabled = False
+        # the first RAM region's bounds, for the inline buffer check in _walk (the layout is fixed)
+        first = memory.regions[0]
+        self._ram_start, self._ram_end = first.guest_base, first.guest_end
+        # views of the descriptor table and available ring, made by activate() after validation
+        self._desc_view: memoryview | None = None
+        self._avail_view: memoryview | None = None
         self.reset()
 
     def reset(self) -> None:
+        self.release()
         self.size = self.max_size
         self.ready = False
         self.desc_addr = 0
@@ -138,9 +152,24 @@ class Virtqueue:
                     f"queue {self.index}: {what} {address:#x}+{length:#x} is outside guest RAM"
                 )
 
+    def release(self) -> None:
+        """Drop the views of guest RAM taken by :meth:`activate` (the queue must be re-activated)."""
+        views, self._desc_view, self._avail_view = (self._desc_view, self._avail_view), None, None
+        self.ready = False
+        for view in views:
+            if view is not None:
+                view.release()
+
     def activate(self) -> None:
         """Validate the layout and start using the queue (the driver wrote QueueReady = 1)."""
         self.validate_layout()
+        self.release()
+        try:
+            self._desc_view = self.memory.view(self.desc_addr, DESCRIPTOR_SIZE * self.size)
+            self._avail_view = self.memory.view(self.avail_addr, 6 + 2 * self.size)
+        except GuestMemoryError as error:  # an area across two regions
+            self.release()
+            raise VirtqueueError(f"queue {self.index}: {error}") from None
         self.last_avail_idx = 0
         self.used_idx = 0
         self._avail_idx_seen = 0
@@ -188,11 +217,10 @@ class Virtqueue:
                 self._avail_idx_seen = self._read_avail_idx()
                 if self._avail_idx_seen == self.last_avail_idx:
                     return None
-        slot = self.last_avail_idx % self.size
-        try:
-            head = self.memory.read_u16(self.avail_addr + 4 + 2 * slot)
-        except GuestMemoryError as error:
-            raise VirtqueueError(f"queue {self.index}: available ring unreadable: {error}") from None
+        avail = self._avail_view
+        if avail is None:
+            raise VirtqueueError(f"queue {self.index}: used while not activated")
+        head: int = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self.popped += 1
         return self._walk(head)
@@ -211,15 +239,21 @@ class Virtqueue:
 
     def _walk(self, head: int) -> DescriptorChain:
         """Follow a chain from ``head``, validating every descriptor (see the module docstring)."""
-        index_name = f"queue {self.index}: chain at head {head}"
-        if head >= self.size:
-            raise VirtqueueError(f"{index_name}: head index is outside the descriptor table of {self.size}")
+        size = self.size
+        if head >= size:
+            raise self._chain_error(head, f"head index is outside the descriptor table of {size}")
+        table: memoryview | bytes | None = self._desc_view
+        if table is None:
+            raise VirtqueueError(f"queue {self.index}: used while not activated")
         memory = self.memory
+        ram_start, ram_end = self._ram_start, self._ram_end
+        max_chain_bytes = self.max_chain_bytes
+        unpack_descriptor = _DESCRIPTOR.unpack_from
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        table_addr, table_size = self.desc_addr, self.size
+        table_size = size
         in_indirect = False
-        limit = self.size  # a chain can never be longer than the table it lives in: more is a loop
+        limit = size  # a chain can never be longer than the table it lives in: more is a loop
         walked = total_walked = 0
         total_bytes = 0
         seen_writable = False
@@ -227,75 +261,73 @@ class Virtqueue:
         while True:
             if index >= table_size:
                 where = "indirect table" if in_indirect else "descriptor table"
-                raise VirtqueueError(
-                    f"{index_name}: next index {index} is outside the {where} of {table_size}"
-                )
+                raise self._chain_error(head, f"next index {index} is outside the {where} of {table_size}")
             walked += 1
             total_walked += 1
             if walked > limit:
-                raise VirtqueueError(
-                    f"{index_name}: chain is longer than the {limit} descriptors of its table (a loop?)"
+                raise self._chain_error(
+                    head, f"chain is longer than the {limit} descriptors of its table (a loop?)"
                 )
-            try:
-                raw = memory.read(table_addr + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
-            except GuestMemoryError as error:
-                raise VirtqueueError(f"{index_name}: descriptor {index} unreadable: {error}") from None
-            address, length, flags, next_index = _DESCRIPTOR.unpack(raw)
+            # one copy of the descriptor; only the copy is used from here on
+            address, length, flags, next_index = unpack_descriptor(table, DESCRIPTOR_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if in_indirect:
-                    raise VirtqueueError(f"{index_name}: indirect descriptor inside an indirect table")
-                if not self.indirect_enabled:
-                    raise VirtqueueError(
-                        f"{index_name}: indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated"
-                    )
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise VirtqueueError(f"{index_name}: descriptor {index} has both INDIRECT and NEXT")
-                if length == 0 or length % DESCRIPTOR_SIZE:
-                    raise VirtqueueError(
-                        f"{index_name}: indirect table length {length} is not a non-zero multiple of 16"
-                    )
-                entries = length // DESCRIPTOR_SIZE
-                if entries > MAX_INDIRECT_DESCRIPTORS:
-                    raise VirtqueueError(
-                        f"{index_name}: indirect table of {entries} descriptors "
-                        f"exceeds {MAX_INDIRECT_DESCRIPTORS}"
-                    )
-                if address % DESCRIPTOR_SIZE or not memory.contains(address, length):
-                    raise VirtqueueError(
-                        f"{index_name}: indirect table {address:#x}+{length:#x} "
-                        "is misaligned or outside guest RAM"
-                    )
-                # the WRITE flag of the descriptor naming the table is ignored, as the spec requires
-                table_addr, table_size, limit = address, entries, entries
+                table = self._indirect_table(head, index, in_indirect, address, length, flags)
+                table_size = limit = length // DESCRIPTOR_SIZE
                 in_indirect = True
                 walked = 0
                 index = 0
                 continue
             if length:
-                if not memory.contains(address, length):
-                    raise VirtqueueError(
-                        f"{index_name}: buffer {address:#x}+{length:#x} is outside guest RAM"
-                    )
+                if not (ram_start <= address and address + length <= ram_end) and not memory.contains(
+                    address, length
+                ):
+                    raise self._chain_error(head, f"buffer {address:#x}+{length:#x} is outside guest RAM")
                 total_bytes += length
-                if total_bytes > self.max_chain_bytes:
-                    raise VirtqueueError(
-                        f"{index_name}: buffers add up to more than {self.max_chain_bytes} bytes"
-                    )
+                if total_bytes > max_chain_bytes:
+                    raise self._chain_error(head, f"buffers add up to more than {max_chain_bytes} bytes")
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_writable = True
                 if length:
                     writable.append((address, length))
             else:
                 if seen_writable:
-                    raise VirtqueueError(
-                        f"{index_name}: device-readable descriptor after a device-writable one"
-                    )
+                    raise self._chain_error(head, "device-readable descriptor after a device-writable one")
                 if length:
                     readable.append((address, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             index = next_index
         return DescriptorChain(head, tuple(readable), tuple(writable), total_walked)
+
+    def _chain_error(self, head: int, message: str) -> VirtqueueError:
+        return VirtqueueError(f"queue {self.index}: chain at head {head}: {message}")
+
+    def _indirect_table(
+        self, head: int, index: int, in_indirect: bool, address: int, length: int, flags: int
+    ) -> bytes:
+        """Validate an INDIRECT descriptor and copy its table out of guest RAM (read once)."""
+        if in_indirect:
+            raise self._chain_error(head, "indirect descriptor inside an indirect table")
+        if not self.indirect_enabled:
+            raise self._chain_error(head, "indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise self._chain_error(head, f"descriptor {index} has both INDIRECT and NEXT")
+        if length == 0 or length % DESCRIPTOR_SIZE:
+            raise self._chain_error(head, f"indirect table length {length} is not a non-zero multiple of 16")
+        entries = length // DESCRIPTOR_SIZE
+        if entries > MAX_INDIRECT_DESCRIPTORS:
+            raise self._chain_error(
+                head, f"indirect table of {entries} descriptors exceeds {MAX_INDIRECT_DESCRIPTORS}"
+            )
+        if address % DESCRIPTOR_SIZE or not self.memory.contains(address, length):
+            raise self._chain_error(
+                head, f"indirect table {address:#x}+{length:#x} is misaligned or outside guest RAM"
+            )
+        # the WRITE flag of the descriptor naming the table is ignored, as the spec requires
+        try:
+            return self.memory.read(address, length)
+        except GuestMemoryError as error:
+            raise self._chain_error(head, f"indirect table unreadable: {error}") from None
 
     # -- used ring -----------------------------------------------------------------------------
 
@@ -328,16 +360,16 @@ class Virtqueue:
             return False
         self._unsignalled = 0
         new = self.used_idx
-        try:
-            if self.event_idx_enabled:
-                old, valid = self._signalled_used, self._signalled_valid
-                self._signalled_used, self._signalled_valid = new, True
-                used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size)
-                notify = not valid or vring_need_event(used_event, new, old)
-            else:
-                notify = not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
-        except GuestMemoryError as error:
-            raise VirtqueueError(f"queue {self.index}: available ring unreadable: {error}") from None
+        avail = self._avail_view
+        if avail is None:
+            raise VirtqueueError(f"queue {self.index}: used while not activated")
+        if self.event_idx_enabled:
+            old, valid = self._signalled_used, self._signalled_valid
+            self._signalled_used, self._signalled_valid = new, True
+            used_event: int = _U16.unpack_from(avail, 4 + 2 * self.size)[0]
+            notify = not valid or vring_need_event(used_event, new, old)
+        else:
+            notify = not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if notify:
             self.notifications_sent += 1
         else:
