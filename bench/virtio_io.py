@@ -70,9 +70,10 @@ class Vmm:
     command: CommandFor
     results: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
-def vmscope_vmm(iothreads: bool) -> Vmm:
+def vmscope_vmm(iothreads: bool, *, polling: bool = True) -> Vmm:
     def command(elf: Path, image: Path, cmdline: str) -> list[str]:
         return [
             sys.executable, "-m", "vmscope", "run", "--elf", str(elf), "--mem", "64M", "--disk", str(image),
@@ -80,6 +81,8 @@ def vmscope_vmm(iothreads: bool) -> Vmm:
         ]  # fmt: skip
 
     path = "I/O thread" if iothreads else "vCPU exit"
+    if not polling:  # the I/O thread goes straight back to epoll after each notification
+        return Vmm(f"vmscope ({path}, no polling)", command, env={"VMSCOPE_VIRTIO_POLL_US": "0"})
     return Vmm(f"vmscope ({path})", command)
 
 
@@ -115,7 +118,7 @@ def parse_result(workload: Workload, output: str) -> float:
 
 def run_once(vmm: Vmm, elf: Path, image: Path, workload: Workload) -> float:
     command = vmm.command(elf, image, workload.cmdline)
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin:/usr/local/bin", **vmm.env}
     try:
         result = subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=180, check=False
@@ -180,7 +183,8 @@ def print_table(vmms: list[Vmm], loads: list[Workload], parked: list[float] | No
     header = ["workload", "unit", *[vmm.name for vmm in vmms]]
     rows = [[w.name, w.unit, *[cell(vmm.results.get(w.name)) for vmm in vmms]] for w in loads]
     if parked:
-        rows.append(["notify, I/O thread parked", "us/notification", cell(parked), "-", "-"][: len(header)])
+        row = ["notify, I/O thread parked", "us/notification", cell(parked)]
+        rows.append(row + ["-"] * (len(header) - len(row)))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -236,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every loop count (default 1)")
     parser.add_argument("--no-qemu", action="store_true", help="leave QEMU out even when it is installed")
     parser.add_argument("--no-parked", action="store_true", help="skip the parked-I/O-thread diagnostic")
+    parser.add_argument(
+        "--no-poll-variant", action="store_true", help="leave out the I/O-thread run with polling turned off"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -245,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     io, exit_path = vmscope_vmm(True), vmscope_vmm(False)
     vmms = [io, exit_path]
+    no_polling = None
+    if not args.no_poll_variant:
+        no_polling = vmscope_vmm(True, polling=False)
+        vmms.insert(1, no_polling)
     qemu: Vmm | None = None
     binary = shutil.which(QEMU_BINARY)
     if binary is None and not args.no_qemu:
@@ -283,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"parked I/O thread diagnostic: not available ({error})")
     print_table(vmms, loads, parked)
     print_ratios(io, exit_path, qemu, loads)
+    if no_polling is not None:
+        for w in loads[1:]:
+            a, b = median(io, w.name), median(no_polling, w.name)
+            if a and b:
+                print(f"       {w.name}: I/O thread with / without polling = {a / b:.2f}x")
     if parked:
         print(
             "       notify with the I/O thread parked (KVM's ioeventfd alone): "

@@ -337,3 +337,55 @@ def test_slots_and_kernel_command_line(machine: FakeMachine, memory: GuestMemory
     assert [virtio_mmio_slot(i)[1] for i in range(6)] == [5, 6, 7, 10, 11, 13]
     with pytest.raises(ConfigError):
         virtio_mmio_slot(6)
+
+
+# -- polling ---------------------------------------------------------------------------------------
+
+
+def test_polling_serves_a_request_published_after_the_notification_was_served(
+    memory: GuestMemory, image: Path
+) -> None:
+    posted: list[Request] = []
+
+    class LateDriver(VirtioBlock):
+        """The driver publishes its next request while the I/O thread polls, and notifies."""
+
+        def queue_avail_index(self, index: int) -> int | None:
+            if not posted:
+                posted.append(submit(ring, VIRTIO_BLK_T_IN, 4, in_length=512))
+                os.eventfd_write(io.queue_fds[0], 1)
+            return super().queue_avail_index(index)
+
+    disk = LateDriver(memory, image)
+    driver = MmioDriver(VirtioMmioTransport(disk), memory, Arena(memory))
+    io = VirtioIoThread(disk, poll_ns=1_000_000_000)  # not started: the test plays the thread
+    try:
+        (ring,) = driver.init(NO_EVENT_IDX)
+        io._poll_queue(0, io.queue_fds[0], ring.avail_idx)  # everything published so far is served
+        (request,) = posted
+        assert request.ring.take_used() == [(request.head, 513)]
+        assert request.status == VIRTIO_BLK_S_OK and request.data() == IMAGE[2048:2560]
+        assert io.poll_hits == 1
+        assert drain_eventfd(io.queue_fds[0]) == 0  # its notification was consumed, no extra wake-up
+    finally:
+        io.close()
+        disk.close()
+
+
+def test_polling_is_only_for_queue_eventfds_of_devices_that_ask_for_it(
+    memory: GuestMemory, image: Path
+) -> None:
+    disk, rng = VirtioBlock(memory, image), VirtioRng(memory)
+    threads = [
+        VirtioIoThread(disk, poll_ns=30_000),
+        VirtioIoThread(disk, poll_ns=0),
+        VirtioIoThread(disk, queue_eventfds=False, poll_ns=30_000),
+        VirtioIoThread(rng, poll_ns=30_000),
+    ]
+    try:
+        assert [io.max_poll_ns for io in threads] == [30_000, 0, 0, 0]
+    finally:
+        for io in threads:
+            io.close()
+        disk.close()
+        rng.close()

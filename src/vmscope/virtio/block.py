@@ -189,6 +189,7 @@ class VirtioBlock(VirtioDevice):
     """A virtio-blk disk backed by ``path`` (see the module docstring)."""
 
     device_id = DEVICE_ID_BLOCK
+    poll_queues = True
 
     def __init__(
         self,

@@ -163,6 +163,9 @@ class VirtioDevice(ABC):
 
     #: virtio device id (section 5), set by each device type
     device_id: ClassVar[int] = 0
+    #: whether an I/O thread should poll this device's available rings briefly after serving a
+    #: notification (worth it where every notification is served at once, as on virtio-blk)
+    poll_queues: ClassVar[bool] = False
 
     def __init__(
         self, memory: GuestMemory, queue_sizes: Sequence[int], *, name: str, features: int = 0
@@ -435,6 +438,14 @@ class VirtioDevice(ABC):
                 self._guarded("", self.process_queue, queue, stamp)
             finally:
                 self._flush_used_notifications()
+
+    def queue_avail_index(self, index: int) -> int | None:
+        """The driver's current available index of queue ``index`` (unvalidated), or None when
+        the queue is not being served; for an I/O thread that polls for new chains."""
+        with self._lock:
+            if self._closed or not self.operational or not self.queue_ready(index):
+                return None
+            return self.queues[index].peek_avail_idx()
 
     def run_host_event(self, what: str, callback: Callable[[], None]) -> None:
         """Run a host-side event handler (rx frame, console input) under the device lock."""

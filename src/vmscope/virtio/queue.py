@@ -192,6 +192,14 @@ class Virtqueue:
             )
         return avail_idx
 
+    def peek_avail_idx(self) -> int | None:
+        """The available ring's idx as the driver last wrote it (not validated), None if inactive."""
+        avail = self._avail_view
+        if avail is None or not self.ready:
+            return None
+        value: int = _U16.unpack_from(avail, 2)[0]
+        return value
+
     def has_available(self) -> bool:
         """True when the driver has made a chain available that :meth:`pop` has not returned."""
         if self._avail_idx_seen != self.last_avail_idx:
