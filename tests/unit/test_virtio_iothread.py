@@ -24,6 +24,7 @@ from vmscope.bus import MmioBus
 from vmscope.devices.base import Device, RecordingInterruptLine
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
+from vmscope.virtio import iothread
 from vmscope.virtio.attach import (
     VIRTIO_MMIO_BASE,
     VirtioMmioAttachment,
@@ -367,6 +368,40 @@ def test_polling_serves_a_request_published_after_the_notification_was_served(
         assert request.status == VIRTIO_BLK_S_OK and request.data() == IMAGE[2048:2560]
         assert io.poll_hits == 1
         assert drain_eventfd(io.queue_fds[0]) == 0  # its notification was consumed, no extra wake-up
+    finally:
+        io.close()
+        disk.close()
+
+
+def test_polling_that_stops_early_loses_no_notification(
+    memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    posted: list[Request] = []
+
+    class RacingDriver(VirtioBlock):
+        """The driver publishes and notifies just after the thread read the index (it sees the
+        old one), so the thread drains that notification at its deadline."""
+
+        def queue_avail_index(self, index: int) -> int | None:
+            current = super().queue_avail_index(index)
+            if not posted:
+                posted.append(submit(ring, VIRTIO_BLK_T_IN, 6, in_length=512))
+                os.eventfd_write(io.queue_fds[0], 1)
+            return current
+
+    yields = iter([True])
+    monkeypatch.setattr(iothread, "_POLL_HOLD_NS", 0)  # look at the GIL hand-over every turn
+    monkeypatch.setattr(iothread, "_yield_gil", lambda: next(yields, False))  # then: preempted
+    disk = RacingDriver(memory, image)
+    driver = MmioDriver(VirtioMmioTransport(disk), memory, Arena(memory))
+    io = VirtioIoThread(disk, poll_ns=1)  # the deadline passes at once
+    try:
+        (ring,) = driver.init(NO_EVENT_IDX)
+        io._poll_queue(0, io.queue_fds[0], ring.avail_idx)
+        assert io.poll_backoffs == 1
+        (request,) = posted
+        assert request.ring.take_used() == [(request.head, 513)]  # served although polling stopped
+        assert request.data() == IMAGE[3072:3584]
     finally:
         io.close()
         disk.close()

@@ -297,6 +297,11 @@ class VirtioIoThread:
                 if now - spin_start > _POLL_HOLD_NS + _PREEMPTED_NS or not _yield_gil():
                     self._poll_resume_ns = now + _POLL_BACKOFF_NS
                     self.poll_backoffs += 1
+                    # a notification drained at the last deadline may announce a chain not served
+                    # yet: serve it now, as epoll will not report that notification again
+                    if avail_index(index) not in (served_idx, None):
+                        drain_eventfd(fd)
+                        device.queue_notify(index, clock())
                     break
                 now = spin_start = clock()
                 yield_at = now + _POLL_HOLD_NS
