@@ -179,10 +179,10 @@ def test_device_model_bug_is_contained(
     disk, driver, _ = setup
     (ring,) = driver.init()
 
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(disk, "_read", broken)
+    monkeypatch.setattr(disk, "_transfer", broken)  # where every read and write moves data
     submit(ring, VIRTIO_BLK_T_IN, 0, in_length=512)
     with caplog.at_level(logging.ERROR, "vmscope.virtio"):
         driver.notify(0)

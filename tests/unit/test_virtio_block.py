@@ -173,6 +173,55 @@ def test_write_reaches_the_image(blk: tuple[VirtioBlock, MmioDriver, Ring], imag
     assert content[: 10 * 512] == IMAGE[: 10 * 512] and content[13 * 512 : len(IMAGE)] == IMAGE[13 * 512 :]
 
 
+def test_neighbouring_requests_share_a_syscall_and_complete_in_order(
+    memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk, driver = make(memory, image)
+    (ring,) = driver.init(queue_size=32)  # room for every descriptor below
+    calls: list[tuple[str, int, int]] = []
+    preadv, pwritev = os.preadv, os.pwritev
+
+    def counting_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(("read", offset, sum(len(b) for b in buffers)))
+        return preadv(fd, buffers, offset)
+
+    def counting_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(("write", offset, sum(len(b) for b in buffers)))
+        return pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    monkeypatch.setattr(os, "pwritev", counting_pwritev)
+    payload = os.urandom(1024)
+    requests = [
+        submit(ring, VIRTIO_BLK_T_IN, 2, in_length=512),
+        submit(ring, VIRTIO_BLK_T_IN, 3, in_length=1024, in_pieces=3),  # continues sector 2
+        submit(ring, VIRTIO_BLK_T_IN, 9, in_length=512),  # a gap: a new syscall
+        submit(ring, VIRTIO_BLK_T_OUT, 20, out=payload[:512]),
+        submit(ring, VIRTIO_BLK_T_OUT, 21, out=payload[512:]),  # continues sector 20
+        submit(ring, VIRTIO_BLK_T_IN, SECTORS, in_length=512),  # past the end: fails alone
+        submit(ring, VIRTIO_BLK_T_IN, 10, in_length=512),
+    ]
+    driver.notify(0)
+    used = ring.take_used()
+    assert used == [(r.head, w) for r, w in zip(requests, [513, 1025, 513, 1, 1, 1, 513], strict=True)]
+    assert [r.status for r in requests] == [VIRTIO_BLK_S_OK] * 5 + [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    assert requests[0].data() == IMAGE[1024:1536] and requests[1].data() == IMAGE[1536:2560]
+    assert requests[2].data() == IMAGE[9 * 512 : 10 * 512] and requests[6].data() == IMAGE[5120:5632]
+    assert image.read_bytes()[20 * 512 : 22 * 512] == payload
+    assert calls == [
+        ("read", 1024, 1536),
+        ("read", 9 * 512, 512),
+        ("write", 20 * 512, 1024),
+        ("read", 5120, 512),
+    ]
+    traces = disk.traces()
+    assert [t.sector for t in traces] == [2, 3, 9, 20, 21, SECTORS, 10]
+    assert traces[0].backend_start_ns == traces[1].backend_start_ns  # one syscall for both
+    assert all(t.pickup_ns <= t.backend_start_ns <= t.backend_end_ns <= t.complete_ns for t in traces)
+    assert (disk.bytes_read, disk.bytes_written, disk.io_errors) == (2560, 1024, 1)
+    disk.close()
+
+
 def test_indirect_request(blk: tuple[VirtioBlock, MmioDriver, Ring]) -> None:
     _, driver, ring = blk
     request = submit(ring, VIRTIO_BLK_T_IN, 0, in_length=512, indirect=True)

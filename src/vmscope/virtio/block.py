@@ -37,14 +37,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmscope.errors import ConfigError
+from vmscope.errors import ConfigError, GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.device import DEVICE_ID_BLOCK, VirtioDevice
 from vmscope.virtio.queue import (
     DescriptorChain,
     Virtqueue,
     VirtqueueError,
-    buffer_views,
     gather,
     scatter,
     slice_buffers,
@@ -92,6 +91,8 @@ DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB, the usual filesystem block
 # completions are signalled at least this often while a long batch is served
 _SIGNAL_EVERY = 32
 _IOV_MAX = 1024
+# at most this many neighbouring reads or writes share one syscall
+_MERGE_MAX_REQUESTS = 32
 _ZERO_CHUNK = bytes(1 << 20)
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
@@ -157,6 +158,30 @@ class RequestTrace:
         """Notification to interrupt (or to completion when no interrupt was sent)."""
         end = self.interrupt_ns if self.interrupt_ns is not None else self.complete_ns
         return end - self.notify_ns
+
+
+class _Transfer:
+    """A read or write request whose data can move in the same syscall as its neighbours'."""
+
+    __slots__ = ("chain", "length", "offset", "pickup_ns", "pieces", "request_type", "sector")
+
+    def __init__(
+        self,
+        chain: DescriptorChain,
+        pickup_ns: int,
+        request_type: int,
+        sector: int,
+        length: int,
+        pieces: list[tuple[int, int]],
+    ) -> None:
+        self.chain = chain
+        self.pickup_ns = pickup_ns
+        self.request_type = request_type
+        self.sector = sector
+        self.offset = sector * SECTOR_SIZE
+        self.length = length
+        #: the guest buffers of the data, in order
+        self.pieces = pieces
 
 
 class _RequestFailed(Exception):
@@ -240,6 +265,7 @@ class VirtioBlock(VirtioDevice):
         self._write_through = True
         self._traces: collections.deque[RequestTrace] = collections.deque(maxlen=trace_limit)
         self._trace_lock = threading.Lock()
+        self._ram: tuple[int, int, memoryview] | None = None
         #: request counters by outcome
         self.requests = 0
         self.bytes_read = 0
@@ -302,19 +328,172 @@ class VirtioBlock(VirtioDevice):
 
     def process_queue(self, queue: Virtqueue, notified_ns: int) -> None:
         thread = threading.current_thread().name
-        batch: list[RequestTrace] = []
-        try:
-            while True:
-                chain = queue.pop()
-                if chain is None:
-                    break
-                batch.append(self._serve(queue, chain, notified_ns, time.perf_counter_ns(), thread))
-                if len(batch) % _SIGNAL_EVERY == 0:
+        clock = time.perf_counter_ns
+        pop = queue.pop
+        while True:
+            # take up to _SIGNAL_EVERY chains off the ring, so neighbouring transfers can merge
+            chains: list[tuple[DescriptorChain, int]] = []
+            malformed: Exception | None = None
+            drained = False
+            try:
+                while len(chains) < _SIGNAL_EVERY:
+                    chain = pop()
+                    if chain is None:
+                        drained = True
+                        break
+                    chains.append((chain, clock()))
+            except (VirtqueueError, GuestMemoryError) as error:
+                malformed = error  # the chains before it are served first, as one by one would
+            if not chains:
+                if malformed is not None:
+                    raise malformed
+                return
+            batch: list[RequestTrace] = []
+            try:
+                self._serve_batch(queue, chains, notified_ns, thread, batch)
+            finally:
+                if batch:
                     self._complete(queue, batch)
-                    batch = []
+            if malformed is not None:
+                raise malformed
+            if drained:
+                # the ring was empty when last read; the driver notifies for anything newer (with
+                # EVENT_IDX, pop published avail_event as it found the ring empty)
+                return
+
+    def _serve_batch(
+        self,
+        queue: Virtqueue,
+        chains: list[tuple[DescriptorChain, int]],
+        notified_ns: int,
+        thread: str,
+        batch: list[RequestTrace],
+    ) -> None:
+        """Serve ``chains`` in ring order; runs of reads (or writes) of consecutive disk ranges
+        share one preadv (pwritev), as QEMU merges them. Traces go to ``batch`` as completed."""
+        run: list[_Transfer] = []
+        try:
+            for chain, pickup_ns in chains:
+                transfer = self._as_transfer(chain, pickup_ns)
+                if transfer is None:
+                    if run:
+                        self._serve_run(queue, run, notified_ns, thread, batch)
+                        run = []
+                    batch.append(self._serve(queue, chain, notified_ns, pickup_ns, thread))
+                    continue
+                if run:
+                    last = run[-1]
+                    if (
+                        transfer.request_type != last.request_type
+                        or transfer.offset != last.offset + last.length
+                        or len(run) >= _MERGE_MAX_REQUESTS
+                    ):
+                        self._serve_run(queue, run, notified_ns, thread, batch)
+                        run = []
+                run.append(transfer)
         finally:
-            if batch:
-                self._complete(queue, batch)
+            if run:  # also when a later chain turned out malformed: these came before it
+                self._serve_run(queue, run, notified_ns, thread, batch)
+
+    def _as_transfer(self, chain: DescriptorChain, pickup_ns: int) -> _Transfer | None:
+        """The chain as a plain read or write that can share a syscall, or None (served alone:
+        other types, odd layouts, and anything that fails, so its status is its own)."""
+        readable, writable = chain.readable, chain.writable
+        if not readable or not writable or self._fd is None:
+            return None
+        header_address, header_length = readable[0]
+        if header_length < REQUEST_HEADER.size:
+            return None
+        ram_start, ram_end, ram = self._ram_window()
+        if ram_start <= header_address and header_address + REQUEST_HEADER.size <= ram_end:
+            request_type, _reserved, sector = REQUEST_HEADER.unpack_from(ram, header_address - ram_start)
+        else:
+            request_type, _reserved, sector = REQUEST_HEADER.unpack(
+                self.memory.read(header_address, REQUEST_HEADER.size)
+            )
+        if request_type == VIRTIO_BLK_T_IN:
+            length = sum(size for _, size in writable) - 1
+            if len(writable) == 2 and writable[0][1] == length:
+                pieces = [writable[0]]
+            else:
+                pieces = slice_buffers(writable, 0, length)
+        elif request_type == VIRTIO_BLK_T_OUT and not self.read_only:
+            length = sum(size for _, size in readable) - REQUEST_HEADER.size
+            if len(readable) == 2 and header_length == REQUEST_HEADER.size:
+                pieces = [readable[1]]
+            else:
+                pieces = slice_buffers(readable, REQUEST_HEADER.size, length)
+        else:
+            return None
+        if length <= 0 or length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity:
+            return None
+        return _Transfer(chain, pickup_ns, request_type, sector, length, pieces)
+
+    def _serve_run(
+        self,
+        queue: Virtqueue,
+        run: list[_Transfer],
+        notified_ns: int,
+        thread: str,
+        batch: list[RequestTrace],
+    ) -> None:
+        """One syscall for a run of transfers (see :meth:`_as_transfer`), then their completions."""
+        first = run[0]
+        write = first.request_type == VIRTIO_BLK_T_OUT
+        clock = time.perf_counter_ns
+        pieces = first.pieces if len(run) == 1 else [piece for t in run for piece in t.pieces]
+        status = VIRTIO_BLK_S_OK
+        backend_start = clock()
+        try:
+            self._transfer(self._require_fd(), pieces, first.offset, write=write)
+            if write and self._write_through:
+                self._sync()
+        except _RequestFailed as failure:
+            if len(run) > 1:  # find out which request failed: serve each on its own
+                for t in run:
+                    batch.append(self._serve(queue, t.chain, notified_ns, t.pickup_ns, thread))
+                return
+            status = failure.status
+            self.io_errors += 1
+            log.debug("%s: request %d failed (status %d): %s", self.name, first.chain.head, status, failure)
+        backend_end = clock()
+        memory = self.memory
+        ram_start, ram_end, ram = self._ram_window()
+        name, queue_index = self.name, queue.index
+        for t in run:
+            self.requests += 1
+            written = 0
+            if status == VIRTIO_BLK_S_OK:
+                if write:
+                    self.bytes_written += t.length
+                else:
+                    self.bytes_read += t.length
+                    written = t.length
+            # the status is the last device-writable byte: the last byte of the last writable buffer
+            status_address, status_length = t.chain.writable[-1]
+            status_address += status_length - 1
+            if ram_start <= status_address < ram_end:
+                ram[status_address - ram_start] = status
+            else:
+                memory.write_u8(status_address, status)
+            queue.push_used(t.chain.head, written + 1)
+            batch.append(
+                RequestTrace(
+                    name,
+                    queue_index,
+                    t.chain.head,
+                    t.request_type,
+                    t.sector,
+                    t.length,
+                    status,
+                    notified_ns,
+                    t.pickup_ns,
+                    backend_start,
+                    backend_end,
+                    clock(),
+                    thread=thread,
+                )
+            )
 
     def _complete(self, queue: Virtqueue, batch: list[RequestTrace]) -> None:
         stamp: int | None = None
@@ -457,7 +636,7 @@ class VirtioBlock(VirtioDevice):
         """preadv/pwritev between guest buffers and the image, all bytes or IOERR."""
         if len(pieces) == 1:  # the usual case: one data buffer, usually moved by one syscall
             address, size = pieces[0]
-            view = self.memory.view(address, size)
+            view = self._guest_view(address, size)
             try:
                 done = os.pwrite(fd, view, offset) if write else os.preadv(fd, (view,), offset)
             except OSError as error:
@@ -470,7 +649,7 @@ class VirtioBlock(VirtioDevice):
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
             pieces, offset = [(address + done, size - done)], offset + done
         for start in range(0, len(pieces), _IOV_MAX):
-            views = buffer_views(self.memory, pieces[start : start + _IOV_MAX])
+            views = [self._guest_view(address, size) for address, size in pieces[start : start + _IOV_MAX]]
             try:
                 remaining = sum(len(view) for view in views)
                 while remaining:
@@ -486,6 +665,24 @@ class VirtioBlock(VirtioDevice):
             finally:
                 for view in views:
                     view.release()
+
+    def _ram_window(self) -> tuple[int, int, memoryview]:
+        """(start, end, view) of the first guest RAM region, from ``GuestMemory.view``, made once:
+        slicing it is much cheaper than a ``GuestMemory`` call per buffer. Buffers reach it only
+        after the queue checked them against guest RAM, and each use checks the range again."""
+        window = self._ram
+        if window is None:
+            region = self.memory.regions[0]
+            view = self.memory.view(region.guest_base, region.size)
+            window = self._ram = (region.guest_base, region.guest_end, view)
+        return window
+
+    def _guest_view(self, address: int, length: int) -> memoryview:
+        """A zero-copy view of guest RAM for preadv/pwritev (see :meth:`_ram_window`)."""
+        start, end, ram = self._ram_window()
+        if start <= address and address + length <= end:
+            return ram[address - start : address - start + length]
+        return self.memory.view(address, length)
 
     def _sync(self) -> None:
         fd = self._require_fd()
@@ -540,6 +737,9 @@ class VirtioBlock(VirtioDevice):
     def close(self) -> None:
         with self._lock:
             super().close()
+            window, self._ram = self._ram, None
+            if window is not None:  # so guest RAM can be unmapped
+                window[2].release()
             fd, self._fd = self._fd, None
             if fd is not None:
                 with contextlib.suppress(OSError):
