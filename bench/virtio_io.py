@@ -241,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-qemu", action="store_true", help="leave QEMU out even when it is installed")
     parser.add_argument("--no-parked", action="store_true", help="skip the parked-I/O-thread diagnostic")
     parser.add_argument(
+        "--compare-src",
+        type=Path,
+        metavar="DIR",
+        help="also run the I/O-thread path of the vmscope package under DIR (e.g. an older checkout's src)",
+    )
+    parser.add_argument(
         "--no-poll-variant", action="store_true", help="leave out the I/O-thread run with polling turned off"
     )
     args = parser.parse_args(argv)
@@ -256,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_poll_variant:
         no_polling = vmscope_vmm(True, polling=False)
         vmms.insert(1, no_polling)
+    compared = None
+    if args.compare_src is not None:
+        compared = vmscope_vmm(True)
+        compared.name = f"vmscope {args.compare_src} (I/O thread)"
+        compared.env = {"PYTHONPATH": str(args.compare_src.resolve())}
+        vmms.insert(0, compared)
     qemu: Vmm | None = None
     binary = shutil.which(QEMU_BINARY)
     if binary is None and not args.no_qemu:
@@ -294,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"parked I/O thread diagnostic: not available ({error})")
     print_table(vmms, loads, parked)
     print_ratios(io, exit_path, qemu, loads)
+    if compared is not None:
+        for w in loads[1:]:
+            a, b = median(io, w.name), median(compared, w.name)
+            if a and b:
+                print(f"       {w.name}: I/O thread, this checkout / {args.compare_src} = {a / b:.2f}x")
     if no_polling is not None:
         for w in loads[1:]:
             a, b = median(io, w.name), median(no_polling, w.name)
