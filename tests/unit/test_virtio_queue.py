@@ -208,6 +208,46 @@ def test_push_used_writes_element_then_index(memory: GuestMemory, arena: Arena) 
         recording.close()
 
 
+def test_push_used_many_stores_every_element_before_one_index_update(arena: Arena) -> None:
+    order: list[int] = []
+
+    class Recording(GuestMemory):
+        def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+            order.append(gpa)
+            super().write(gpa, data)
+
+        def write_u16(self, gpa: int, value: int) -> None:
+            order.append(gpa)
+            super().write_u16(gpa, value)
+
+    recording = Recording.for_size(RAM_SIZE)
+    try:
+        ring = Ring(recording, Arena(recording), 4)
+        queue = make_queue(recording, ring)
+        heads = []
+        for _ in range(3):
+            ring.add_chain([(0x20_0000, 8, True)])
+            chain = queue.pop()
+            assert chain is not None
+            heads.append(chain.head)
+        queue.push_used_many([(heads[0], 1), (heads[1], 2)])
+        assert ring.take_used() == [(heads[0], 1), (heads[1], 2)]
+        queue.push_used(heads[2], 3)
+        assert ring.take_used() == [(heads[2], 3)]
+        for _ in range(3):  # used slots 3, 0, 1: the store wraps around the ring
+            ring.add_chain([(0x20_0000, 8, True)])
+            chain = queue.pop()
+            assert chain is not None
+            heads.append(chain.head)
+        order.clear()
+        queue.push_used_many([(heads[3], 4), (heads[4], 5), (heads[5], 6)])
+        assert order == [ring.used + 4 + 8 * 3, ring.used + 4, ring.used + 2]
+        assert ring.take_used() == [(heads[3], 4), (heads[4], 5), (heads[5], 6)]
+        assert queue.unsignalled == 6
+    finally:
+        recording.close()
+
+
 def test_avail_idx_is_read_once_per_batch(arena: Arena) -> None:
     reads: list[int] = []
 

@@ -459,7 +459,7 @@ class VirtioBlock(VirtioDevice):
         backend_end = clock()
         memory = self.memory
         ram_start, ram_end, ram = self._ram_window()
-        name, queue_index = self.name, queue.index
+        completions = []
         for t in run:
             self.requests += 1
             written = 0
@@ -476,24 +476,29 @@ class VirtioBlock(VirtioDevice):
                 ram[status_address - ram_start] = status
             else:
                 memory.write_u8(status_address, status)
-            queue.push_used(t.chain.head, written + 1)
-            batch.append(
-                RequestTrace(
-                    name,
-                    queue_index,
-                    t.chain.head,
-                    t.request_type,
-                    t.sector,
-                    t.length,
-                    status,
-                    notified_ns,
-                    t.pickup_ns,
-                    backend_start,
-                    backend_end,
-                    clock(),
-                    thread=thread,
-                )
+            completions.append((t.chain.head, written + 1))
+        # the run finished together: one used-index update publishes all of it
+        queue.push_used_many(completions)
+        complete_ns = clock()
+        name, queue_index = self.name, queue.index
+        batch.extend(
+            RequestTrace(
+                name,
+                queue_index,
+                t.chain.head,
+                t.request_type,
+                t.sector,
+                t.length,
+                status,
+                notified_ns,
+                t.pickup_ns,
+                backend_start,
+                backend_end,
+                complete_ns,
+                thread=thread,
             )
+            for t in run
+        )
 
     def _complete(self, queue: Virtqueue, batch: list[RequestTrace]) -> None:
         stamp: int | None = None

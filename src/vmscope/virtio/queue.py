@@ -352,6 +352,28 @@ class Virtqueue:
         self.used_idx = new_idx
         self._unsignalled += 1
 
+    def push_used_many(self, completions: Sequence[tuple[int, int]]) -> None:
+        """:meth:`push_used` for several (head, written) pairs, with one used ``idx`` update:
+        every element is stored before the index that makes them visible."""
+        count = len(completions)
+        if count == 0:
+            return
+        if count > self.size:
+            raise VirtqueueError(f"queue {self.index}: {count} completions for a ring of {self.size}")
+        elements = b"".join(_USED_ELEM.pack(head, written & 0xFFFF_FFFF) for head, written in completions)
+        slot = self.used_idx % self.size
+        first = min(count, self.size - slot)  # the ring may wrap: at most two stores
+        new_idx = (self.used_idx + count) & 0xFFFF
+        try:
+            self.memory.write(self.used_addr + 4 + 8 * slot, elements[: 8 * first])
+            if first < count:
+                self.memory.write(self.used_addr + 4, elements[8 * first :])
+            self.memory.write_u16(self.used_addr + 2, new_idx)
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"queue {self.index}: used ring unwritable: {error}") from None
+        self.used_idx = new_idx
+        self._unsignalled += count
+
     @property
     def unsignalled(self) -> int:
         """Used entries pushed since the last :meth:`needs_notification` call."""
