@@ -7,17 +7,33 @@
 runs ``apt-get download`` for the versioned package linux-image-cloud-amd64 depends on and
 unpacks it with ``dpkg-deb -x``; set VMSCOPE_NO_DOWNLOAD=1 to only use the cache. If apt has
 no package lists and we are root, ``apt-get update`` is run once first.
+
+Loadable modules: ``kernel_modules(kernel)`` returns the kernel's ``/lib/modules/VERSION`` tree,
+cached as ``modules-VERSION`` beside it (with ``config-VERSION``), taken from the same package
+(fetched again if the kernel was cached before modules were kept). Debian's package ships no
+modules.dep (depmod writes it at install time), so one is written here in depmod's format from
+each module's own ``.modinfo`` ``depends=`` list. ``module_closure(modules_dir, names)`` gives
+the files to load for ``names`` in load order (built-in names give nothing), and
+``loadable_modules(paths, work_dir)`` turns them into initramfs additions, decompressing
+``.ko.xz``/``.ko.gz`` (busybox insmod loads only plain ``.ko``).
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
 
 META_PACKAGE = "linux-image-cloud-amd64"
 COMMAND_TIMEOUT_S = 600
@@ -45,6 +61,24 @@ def cached_kernel(cache_dir: Path | None = None) -> Path | None:
 def system_map_for(kernel: Path) -> Path:
     """Where the System.map of a cached ``vmlinuz-VERSION`` lives."""
     return kernel.with_name("System.map-" + kernel.name.removeprefix("vmlinuz-"))
+
+
+def kernel_version(kernel: Path) -> str:
+    """``6.1.0-56-cloud-amd64`` for ``vmlinuz-6.1.0-56-cloud-amd64`` (or ``vmlinux-...``)."""
+    for prefix in ("vmlinuz-", "vmlinux-"):
+        if kernel.name.startswith(prefix):
+            return kernel.name.removeprefix(prefix)
+    raise ValueError(f"{kernel.name}: expected a vmlinuz-VERSION or vmlinux-VERSION file name")
+
+
+def modules_dir_for(kernel: Path) -> Path:
+    """Where the cached ``/lib/modules/VERSION`` tree of a cached kernel lives."""
+    return kernel.with_name("modules-" + kernel_version(kernel))
+
+
+def config_for(kernel: Path) -> Path:
+    """Where the cached ``/boot/config-VERSION`` of a cached kernel lives."""
+    return kernel.with_name("config-" + kernel_version(kernel))
 
 
 def pvh_vmlinux(kernel: Path) -> KernelLookup:
@@ -137,9 +171,225 @@ def debian_kernel(cache_dir: Path | None = None, *, download: bool | None = None
             maps = sorted((work / "root" / "boot").glob("System.map-*"))
             if maps:
                 shutil.copyfile(maps[-1], system_map_for(target))
+            try:
+                _keep_modules(work / "root", target)
+            except (OSError, ValueError, LookupError):
+                pass  # a kernel without modules is still usable; kernel_modules() says why later
             partial = directory / f".{target.name}.partial"  # outside the vmlinuz-* glob
             shutil.copyfile(images[-1], partial)
             partial.replace(target)  # atomic, so a concurrent run never sees half a kernel
     except (OSError, subprocess.SubprocessError) as error:
         return KernelLookup(None, f"downloading Debian's kernel failed: {error}")
+    return KernelLookup(target, "")
+
+
+# --- loadable modules --------------------------------------------------------------------------
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz")
+
+
+def module_name(path: str | Path) -> str:
+    """The kernel's name for a module file: ``kernel/.../crc32c-intel.ko.xz`` -> ``crc32c_intel``."""
+    name = Path(path).name
+    for suffix in MODULE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            break
+    return name.replace("-", "_")
+
+
+def module_bytes(path: Path) -> bytes:
+    """The plain ELF object in a ``.ko``, ``.ko.xz`` or ``.ko.gz`` file."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    return data
+
+
+def module_info(path: Path) -> dict[str, list[str]]:
+    """The ``.modinfo`` section of a module: key -> values (``alias`` repeats)."""
+    try:
+        section = ELFFile(io.BytesIO(module_bytes(path))).get_section_by_name(".modinfo")
+    except (ELFError, lzma.LZMAError, OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable kernel module ({error})") from None
+    if section is None:
+        raise ValueError(f"{path}: no .modinfo section, so not a kernel module")
+    info: dict[str, list[str]] = {}
+    for item in section.data().split(b"\0"):
+        key, equals, value = item.decode(errors="replace").partition("=")
+        if equals:
+            info.setdefault(key, []).append(value)
+    return info
+
+
+def module_files(modules_dir: Path) -> dict[str, str]:
+    """Module name -> path relative to ``modules_dir`` for every module file under ``kernel/``."""
+    files: dict[str, str] = {}
+    for path in sorted((modules_dir / "kernel").rglob("*.ko*")):
+        if path.name.endswith(MODULE_SUFFIXES):
+            files.setdefault(module_name(path), path.relative_to(modules_dir).as_posix())
+    return files
+
+
+def write_modules_dep(modules_dir: Path) -> Path:
+    """Write ``modules.dep`` from each module's ``depends=``, in depmod's format and order.
+
+    Each line is ``kernel/x.ko: DEP...`` where DEP lists all direct and indirect dependencies,
+    the one to load last first (depmod's order; modprobe loads the list from its end).
+    """
+    files = module_files(modules_dir)
+    direct: dict[str, list[str]] = {}
+    for name, relative in files.items():
+        depends = module_info(modules_dir / relative).get("depends", [""])[0]
+        direct[name] = [d.replace("-", "_") for d in depends.split(",") if d]
+    lines = []
+    for name, relative in files.items():
+        order = _load_order([name], lambda n: direct.get(n), lambda n: False)
+        dependencies = [files[n] for n in reversed(order) if n != name]
+        lines.append(f"{relative}: {' '.join(dependencies)}".rstrip(" ") + "\n")
+    target = modules_dir / "modules.dep"
+    target.write_text("".join(lines))
+    return target
+
+
+def read_modules_dep(modules_dir: Path) -> dict[str, tuple[str, list[str]]]:
+    """modules.dep as module name -> (its path, the module names it depends on)."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for number, line in enumerate((modules_dir / "modules.dep").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        path, colon, rest = line.partition(":")
+        if not colon or not path.strip():
+            raise ValueError(f"{modules_dir / 'modules.dep'}:{number}: expected 'PATH: DEPS', got {line!r}")
+        entries[module_name(path.strip())] = (path.strip(), [module_name(d) for d in rest.split()])
+    return entries
+
+
+def builtin_modules(modules_dir: Path) -> set[str]:
+    """Names of the modules compiled into the kernel (modules.builtin; empty if absent)."""
+    listing = modules_dir / "modules.builtin"
+    if not listing.exists():
+        return set()
+    return {module_name(line.strip()) for line in listing.read_text().splitlines() if line.strip()}
+
+
+def module_closure(modules_dir: Path, names: list[str] | tuple[str, ...]) -> list[Path]:
+    """The module files to load for ``names``, every dependency before its dependents.
+
+    Names may use ``-`` or ``_``. A built-in name contributes nothing; a name that is neither
+    a module in modules.dep nor built in raises LookupError. Each file appears once.
+    """
+    modules_dir = Path(modules_dir)
+    entries = read_modules_dep(modules_dir)
+    builtin = builtin_modules(modules_dir)
+
+    def dependencies(name: str) -> list[str] | None:
+        entry = entries.get(name)
+        return None if entry is None else entry[1]
+
+    order = _load_order([n.replace("-", "_") for n in names], dependencies, lambda n: n in builtin)
+    return [modules_dir / entries[name][0] for name in order]
+
+
+def _load_order(
+    names: list[str],
+    dependencies: Callable[[str], list[str] | None],
+    is_builtin: Callable[[str], bool],
+) -> list[str]:
+    """Depth-first post-order over ``dependencies``: dependencies first, each name once."""
+    order: list[str] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ValueError(f"module dependency cycle: {' -> '.join((*chain, name))}")
+        deps = dependencies(name)
+        if deps is None:
+            if is_builtin(name):
+                state[name] = "done"
+                return
+            wanted_by = f" (needed by {chain[-1]})" if chain else ""
+            raise LookupError(f"no module {name!r} in modules.dep and not built in{wanted_by}")
+        state[name] = "visiting"
+        # modules.dep lists the last-to-load first; visit from its end so the order matches modprobe
+        for dependency in reversed(deps):
+            visit(dependency, (*chain, name))
+        state[name] = "done"
+        order.append(name)
+
+    for name in names:
+        visit(name, ())
+    return order
+
+
+def loadable_modules(paths: list[Path], work_dir: Path) -> list[tuple[Path, str]]:
+    """Initramfs additions ``(file, /lib/modules/NAME.ko)`` for ``paths``, in the same order.
+
+    Compressed modules are decompressed into ``work_dir`` (busybox insmod cannot load them).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    additions: list[tuple[Path, str]] = []
+    for path in paths:
+        name = module_name(path)
+        if path.name.endswith(".ko"):
+            source = path
+        else:
+            source = work_dir / f"{name}.ko"
+            source.write_bytes(module_bytes(path))
+        additions.append((source, f"/lib/modules/{name}.ko"))
+    return additions
+
+
+def _keep_modules(root: Path, kernel: Path) -> bool:
+    """Move ``root/lib/modules/VERSION`` (with a written modules.dep) and the config into the cache."""
+    version = kernel_version(kernel)
+    tree = root / "lib" / "modules" / version
+    if not (tree / "modules.order").exists():
+        return False
+    config = root / "boot" / f"config-{version}"
+    if config.exists():
+        shutil.copyfile(config, config_for(kernel))
+    if not (tree / "modules.dep").exists():
+        write_modules_dep(tree)
+    target = modules_dir_for(kernel)
+    try:
+        tree.rename(target)  # atomic: a concurrent run sees the whole tree or none
+    except OSError:
+        if not (target / "modules.dep").exists():
+            raise
+    return True
+
+
+def kernel_modules(kernel: Path, *, download: bool | None = None) -> KernelLookup:
+    """The ``/lib/modules/VERSION`` tree of a cached Debian kernel, fetched from its package if needed."""
+    target = modules_dir_for(kernel)
+    if (target / "modules.dep").exists():
+        return KernelLookup(target, "")
+    if download is None:
+        download = os.environ.get("VMSCOPE_NO_DOWNLOAD", "") in ("", "0")
+    if not download:
+        return KernelLookup(None, f"no {target.name} in {kernel.parent} and VMSCOPE_NO_DOWNLOAD is set")
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            return KernelLookup(None, f"no {target.name} in {kernel.parent} and no {tool} to download it")
+    package = "linux-image-" + kernel_version(kernel)
+    try:
+        with tempfile.TemporaryDirectory(dir=kernel.parent) as scratch:
+            work = Path(scratch)
+            fetched = _run(["apt-get", "download", package], cwd=work)
+            if fetched.returncode != 0 and os.geteuid() == 0:
+                _run(["apt-get", "update", "-qq"])
+                fetched = _run(["apt-get", "download", package], cwd=work)
+            debs = list(work.glob("*.deb"))
+            if fetched.returncode != 0 or not debs:
+                return KernelLookup(None, f"apt-get download {package} failed: {fetched.stderr.strip()}")
+            unpacked = _run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")])
+            if unpacked.returncode != 0 or not _keep_modules(work / "root", kernel):
+                return KernelLookup(None, f"no /lib/modules in {debs[0].name}: {unpacked.stderr.strip()}")
+    except (OSError, ValueError, LookupError, subprocess.SubprocessError) as error:
+        return KernelLookup(None, f"fetching the modules of {kernel.name} failed: {error}")
     return KernelLookup(target, "")

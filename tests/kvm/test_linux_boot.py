@@ -6,19 +6,38 @@ cannot get that far (see ../shared/HOST-KVM.md): there the test checks what the 
 prints about the machine vmscope built, and that the run ends with the emulation-failure
 diagnosis rather than a hang. The kernel boots as a PVH vmlinux: the bzImage decompressor runs
 minutes of CPL0 code, which software virtualization emulates instruction by instruction.
+
+The virtio tests boot two VMs linked by virtio-net over UDP, one with a virtio-blk ext4 disk,
+with the kernel's own virtio modules (tests/kernel_fixture.py) loaded by /init. vmscope runs them
+on a VT-x/AMD-V host only; the same guests also run under QEMU's TCG emulator wherever QEMU is
+installed, so the guest side of that test is checked on every host.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.kernel_fixture import debian_kernel, pvh_vmlinux
+import vmscope
+from tests.kernel_fixture import (
+    debian_kernel,
+    kernel_modules,
+    kernel_version,
+    loadable_modules,
+    module_closure,
+    pvh_vmlinux,
+)
 from vmscope.arch.x86.layout import PVH_START_INFO_ADDRESS
 from vmscope.initramfs import build_initramfs
 from vmscope.kvm import detect_backend
@@ -129,3 +148,316 @@ def test_stock_kernel_boots_to_a_shell_and_powers_off(tmp_path: Path, kernel: Pa
         client.close()
     assert result is not None and result.exit_status == 0, result
     assert "powered off" in result.reason
+
+
+# --- virtio-blk and virtio-net under the stock kernel ------------------------------------------
+
+#: what /init loads (the closure adds virtio, virtio_ring, the PCI helpers and net_failover);
+#: ext4, jbd2, mbcache and crc16 are built into Debian's cloud kernel and so add nothing
+VIRTIO_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "ext4")
+VIRTIO_CMDLINE = "console=ttyS0 nokaslr panic=-1 vmscope.test=virtio"
+MARK = "vmscope-virtio:"
+GUEST_ADDRESSES = ("10.0.2.1", "10.0.2.2")
+PEER_PORT = 7777  # VM 2 listens here (inside the guests' network) for VM 1's "done" message
+TRANSPORT_PATH = {"pci": "/pci0000:00/", "mmio": "/LNRO0005:"}  # in a virtio device's sysfs path
+VIRTIO_VM_TIMEOUT_S = 240
+
+
+def virtio_init_script(vm: int, modules: list[str], token: str) -> str:
+    """/init for VM ``vm`` (1 or 2): load the modules, bring up eth0, then VM 1 mounts /dev/vda,
+    reads and writes a file and pings VM 2, and tells it so over TCP; VM 2 waits for that word.
+
+    Every step prints a ``vmscope-virtio:`` line; a failing step prints ``FAIL`` and powers off,
+    so the host sees how far the guest got. Every wait in here is bounded.
+    """
+    address, peer = GUEST_ADDRESSES if vm == 1 else GUEST_ADDRESSES[::-1]
+    lines = [
+        "#!/bin/sh",
+        f"# vmscope virtio test, VM {vm}",
+        "export PATH=/bin:/sbin:/usr/bin:/usr/sbin",
+        "mount -t proc proc /proc",
+        "mount -t sysfs sysfs /sys",
+        "mount -t devtmpfs devtmpfs /dev",
+        "mkdir -p /usr/bin /usr/sbin /mnt && /bin/busybox --install -s",
+        f'say() {{ echo "{MARK} $*"; }}',
+        'fail() { say "FAIL: $*"; sync; poweroff -f; sleep 10; }',
+        # wait up to 10 s for a path to appear (drivers probe asynchronously)
+        'await() { n=0; while [ ! -e "$1" ]; do n=$((n+1)); [ $n -gt 100 ] && return 1; sleep 0.1; done; }',
+        *(f"insmod /lib/modules/{name}.ko || fail 'insmod {name}'" for name in modules),
+        f'say "vm{vm} modules loaded: {len(modules)}"',
+        "await /sys/class/net/eth0 || fail 'no eth0'",
+        f'say "vm{vm} eth0 at $(readlink -f /sys/class/net/eth0/device)"',
+        "ip link set lo up",
+        f"ip addr add {address}/24 dev eth0 || fail 'ip addr'",
+        "ip link set eth0 up || fail 'ip link up'",
+        f'say "vm{vm} eth0 up as {address}"',
+    ]
+    if vm == 1:
+        lines += [
+            "await /dev/vda || fail 'no /dev/vda'",
+            'say "vm1 vda at $(readlink -f /sys/block/vda/device)"',
+            "mount -t ext4 /dev/vda /mnt || fail 'mount /dev/vda'",
+            "say \"vm1 mounted: $(grep '^/dev/vda ' /proc/mounts)\"",
+            'say "vm1 file: $(cat /mnt/hello.txt)"',
+            f"echo 'written by vm1 {token}' > /mnt/from-guest.txt || fail 'write'",
+            "umount /mnt || fail 'umount'",
+            'say "vm1 unmounted"',
+            # the peer may still be booting: wait for its first reply (ARP included), at most ~90 s
+            "n=0",
+            f"until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do",
+            "  n=$((n+1)); [ $n -gt 60 ] && fail 'peer never answered'; sleep 0.5",
+            "done",
+            'say "vm1 peer answered after $n retries"',
+            f"ping -c 3 {peer}",
+            'say "vm1 ping exit status $?"',
+            "n=0",
+            f"until echo 'done-{token}' | nc {peer} {PEER_PORT}; do",
+            "  n=$((n+1)); [ $n -gt 10 ] && fail 'peer took no message'; sleep 1",
+            "done",
+            'say "vm1 done"',
+        ]
+    else:
+        lines += [
+            f"message=$(timeout {VIRTIO_VM_TIMEOUT_S - 60} nc -l -p {PEER_PORT})",
+            'say "vm2 received: $message"',
+        ]
+    lines += ["sync", "poweroff -f", "sleep 10", ""]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class VirtioGuests:
+    """Everything the two VMs need: initrds for VM 1 and 2, the ext4 image, the token in it."""
+
+    initrds: tuple[Path, Path]
+    image: Path
+    token: str
+    modules: tuple[str, ...]
+
+
+def make_ext4_image(directory: Path, content: str) -> Path:
+    """A 16 MiB ext4 image holding /hello.txt, made by mkfs.ext4 -d (e2fsprogs)."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
+    if mkfs is None:
+        pytest.skip("needs mkfs.ext4 to make the disk image (apt-get install e2fsprogs)")
+    tree = directory / "image-root"
+    tree.mkdir()
+    (tree / "hello.txt").write_text(content + "\n")
+    image = directory / "disk.ext4"
+    with image.open("wb") as sparse:
+        sparse.truncate(16 << 20)
+    result = subprocess.run(
+        [mkfs, "-q", "-F", "-t", "ext4", "-L", "vmscope", "-d", str(tree), str(image)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return image
+
+
+def read_ext4_file(image: Path, name: str) -> str | None:
+    """A file's text from an ext4 image (debugfs, e2fsprogs), or None when it is not there."""
+    debugfs = shutil.which("debugfs") or shutil.which("debugfs", path="/usr/sbin:/sbin")
+    assert debugfs is not None, "debugfs (e2fsprogs) is missing"
+    result = subprocess.run(
+        [debugfs, "-R", f"cat /{name}", str(image)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0 or "File not found" in result.stderr:
+        return None
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def modules_dir(kernel: Path) -> Path:
+    lookup = kernel_modules(kernel)
+    if lookup.path is None:
+        pytest.skip(f"the kernel's modules are not available: {lookup.reason}")
+    return lookup.path
+
+
+@pytest.fixture
+def virtio_guests(tmp_path: Path, modules_dir: Path) -> VirtioGuests:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("needs a static busybox for the initramfs (apt-get install busybox-static)")
+    token = secrets.token_hex(8)
+    image = make_ext4_image(tmp_path, f"hello from virtio-blk {token}")
+    additions = loadable_modules(module_closure(modules_dir, VIRTIO_MODULES), tmp_path / "modules")
+    names = [Path(destination).stem for _, destination in additions]
+    initrds = []
+    for vm in (1, 2):
+        path = tmp_path / f"initrd-vm{vm}.cpio.gz"
+        build_initramfs(
+            path, busybox=busybox, init_script=virtio_init_script(vm, names, token), additions=additions
+        )
+        initrds.append(path)
+    return VirtioGuests((initrds[0], initrds[1]), image, token, tuple(names))
+
+
+def free_udp_ports() -> tuple[int, int]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for udp in sockets:
+            udp.bind(("127.0.0.1", 0))
+        return sockets[0].getsockname()[1], sockets[1].getsockname()[1]
+    finally:
+        for udp in sockets:
+            udp.close()
+
+
+def run_vm_pair(commands: list[list[str]], limit_s: float, log_dir: Path) -> list[int]:
+    """Start both VMM processes, wait for both within ``limit_s``; kill whatever is left.
+
+    Each process's own output goes to ``log_dir/vmmN.out`` (vmscope's crash report, QEMU's errors).
+    """
+    source = str(Path(vmscope.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    processes = []
+    for number, command in enumerate(commands, 1):
+        with (log_dir / f"vmm{number}.out").open("wb") as log:
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + limit_s
+    statuses: list[int] = []
+    try:
+        for process in processes:
+            try:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            statuses.append(process.returncode if process.returncode is not None else -1)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+    return statuses
+
+
+def check_virtio_consoles(
+    guests: VirtioGuests, consoles: tuple[str, str], statuses: list[int], transport: str
+) -> None:
+    """What both VMs must have printed, and what VM 1 must have left on the disk."""
+    vm1, vm2 = consoles
+    assert f"{MARK} FAIL" not in vm1 + vm2, f"VM 1:\n{vm1[-3000:]}\nVM 2:\n{vm2[-3000:]}"
+    for vm, text in ((1, vm1), (2, vm2)):
+        assert f"{MARK} vm{vm} modules loaded: {len(guests.modules)}" in text, text[-3000:]
+        assert f"{MARK} vm{vm} eth0 up as {GUEST_ADDRESSES[vm - 1]}" in text, text[-3000:]
+        eth0 = re.search(rf"{MARK} vm{vm} eth0 at (\S+)", text)
+        assert eth0 is not None and TRANSPORT_PATH[transport] in eth0.group(1), text[-3000:]
+    vda = re.search(rf"{MARK} vm1 vda at (\S+)", vm1)
+    assert vda is not None and TRANSPORT_PATH[transport] in vda.group(1), vm1[-3000:]
+    assert re.search(rf"{MARK} vm1 mounted: /dev/vda /mnt ext4 rw", vm1), vm1[-3000:]
+    assert f"{MARK} vm1 file: hello from virtio-blk {guests.token}" in vm1
+    assert re.search(r"3 packets transmitted, 3 (packets )?received", vm1), vm1[-3000:]
+    assert f"{MARK} vm1 ping exit status 0" in vm1
+    assert f"{MARK} vm1 done" in vm1
+    assert f"{MARK} vm2 received: done-{guests.token}" in vm2, vm2[-3000:]
+    assert statuses == [0, 0], f"exit statuses {statuses}\nVM 1:\n{vm1[-2000:]}\nVM 2:\n{vm2[-2000:]}"
+    assert read_ext4_file(guests.image, "from-guest.txt") == f"written by vm1 {guests.token}\n"
+
+
+@pytest.mark.skipif(
+    not HARDWARE, reason="needs VT-x/AMD-V: this host's KVM cannot run a stock kernel to user space"
+)
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_stock_kernel_mounts_virtio_blk_and_pings_over_virtio_net(
+    tmp_path: Path, kernel: Path, virtio_guests: VirtioGuests, transport: str
+) -> None:
+    """Two ``vmscope run`` processes linked by ``--net udp:A:B`` / ``udp:B:A``; VM 1 also has
+    ``--disk`` with an ext4 image. /init loads the drivers, VM 1 mounts /dev/vda, reads the
+    host's file and writes one back (checked on the host with debugfs), pings VM 2 three times
+    and tells it so over TCP; both power off.
+
+    Transports: in Debian's cloud kernel (6.1) CONFIG_VIRTIO_PCI and CONFIG_VIRTIO_MMIO are
+    both modules (=m) and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is off, so /init insmods the
+    closure of virtio_pci, virtio_mmio, virtio_blk and virtio_net (ext4 is built in), and the
+    devices must be found through ACPI: over PCI via the PNP0A03 host bridge in the DSDT, over
+    MMIO via the DSDT's LNRO0005 devices, which virtio_mmio.ko matches (alias acpi*:LNRO0005:*).
+    tests/unit/test_kernel_modules.py checks these facts on the package. ``vmscope run`` puts a
+    distribution kernel's (bzImage's) devices on PCI and a PVH ELF's on virtio-mmio, so the
+    "pci" case boots the bzImage and the "mmio" case the PVH vmlinux: both ways users run it.
+    The guest prints its devices' sysfs paths, and the test checks each sits on the transport
+    under test. test_virtio_guest_side_on_the_reference_vmm runs the same guests under QEMU.
+    """
+    image = kernel.with_name("vmlinuz-" + kernel_version(kernel)) if transport == "pci" else kernel
+    port_a, port_b = free_udp_ports()
+    consoles = (tmp_path / "vm1.log", tmp_path / "vm2.log")
+    commands = []
+    for vm, (local, remote) in ((1, (port_a, port_b)), (2, (port_b, port_a))):
+        command = [
+            sys.executable, "-m", "vmscope", "run", "--kernel", str(image),
+            "--initrd", str(virtio_guests.initrds[vm - 1]), "--cmdline", VIRTIO_CMDLINE,
+            "--mem", "512M", "--cpus", "2", "--serial", f"file:{consoles[vm - 1]}",
+            "--net", f"udp:{local}:{remote}", "--timeout", str(VIRTIO_VM_TIMEOUT_S),
+        ]  # fmt: skip
+        if vm == 1:
+            command += ["--disk", str(virtio_guests.image)]
+        commands.append(command)
+    statuses = run_vm_pair(commands, VIRTIO_VM_TIMEOUT_S + 60, tmp_path)
+    check_virtio_consoles(virtio_guests, read_consoles(tmp_path, consoles), statuses, transport)
+
+
+def read_consoles(log_dir: Path, consoles: tuple[Path, Path]) -> tuple[str, str]:
+    """Each VM's serial console, followed by its VMM's own output (for failure messages)."""
+    texts = []
+    for number, console in enumerate(consoles, 1):
+        text = console.read_text(errors="replace") if console.exists() else "(no console output)\n"
+        vmm = log_dir / f"vmm{number}.out"
+        texts.append(
+            text + "\n--- VMM output ---\n" + (vmm.read_text(errors="replace") if vmm.exists() else "")
+        )
+    return texts[0], texts[1]
+
+
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+def host_tsc_khz() -> int:
+    """The host CPU's clock in kHz from /proc/cpuinfo (2 GHz if it says nothing)."""
+    try:
+        match = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return int(float(match.group(1)) * 1000) if match else 2_000_000
+
+
+@pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_virtio_guest_side_on_the_reference_vmm(
+    tmp_path: Path, kernel: Path, virtio_guests: VirtioGuests, transport: str
+) -> None:
+    """The guest half of the test above (modules, /init, disk image, ping and TCP handshake,
+    every console check) on QEMU with its TCG emulator, which needs no KVM: so on a host where
+    the vmscope test cannot run, what it expects from the guest is still known to hold for
+    Debian's kernel. QEMU's q35 gives virtio-pci devices behind an ACPI PCI host bridge, and
+    its microvm (ACPI on) virtio-mmio devices described as LNRO0005 in the DSDT, as vmscope does.
+    """
+    assert QEMU is not None
+    port_a, port_b = free_udp_ports()
+    consoles = (tmp_path / "vm1.log", tmp_path / "vm2.log")
+    suffix = "pci" if transport == "pci" else "device"
+    image = kernel.with_name("vmlinuz-" + kernel_version(kernel)) if transport == "pci" else kernel
+    cmdline = VIRTIO_CMDLINE
+    if transport == "mmio":
+        # microvm has no HPET or ACPI PM timer: when the PIT calibration of the TSC fails (a TCG
+        # vCPU descheduled on a busy host), the kernel stops early. Give it the TSC rate (TCG's
+        # guest TSC is the host's) instead.
+        cmdline += f" tsc_early_khz={host_tsc_khz()}"
+    commands = []
+    for vm, (local, remote) in ((1, (port_a, port_b)), (2, (port_b, port_a))):
+        command = [
+            QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot", "-m", "512",
+            "-M", "q35" if transport == "pci" else "microvm,acpi=on",
+            "-kernel", str(image),
+            "-initrd", str(virtio_guests.initrds[vm - 1]), "-append", cmdline,
+            "-serial", f"file:{consoles[vm - 1]}",
+            "-netdev", f"socket,id=net0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}",
+            "-device", f"virtio-net-{suffix},netdev=net0",
+        ]  # fmt: skip
+        if vm == 1:
+            command += [
+                "-drive", f"file={virtio_guests.image},format=raw,if=none,id=disk0",
+                "-device", f"virtio-blk-{suffix},drive=disk0",
+            ]  # fmt: skip
+        commands.append(command)
+    statuses = run_vm_pair(commands, VIRTIO_VM_TIMEOUT_S + 60, tmp_path)
+    check_virtio_consoles(virtio_guests, read_consoles(tmp_path, consoles), statuses, transport)
