@@ -420,6 +420,7 @@ def host_tsc_khz() -> int:
     return int(float(match.group(1)) * 1000) if match else 2_000_000
 
 
+@pytest.mark.qemu_reference  # minutes of TCG emulation: run on demand, see README
 @pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
 @pytest.mark.parametrize("transport", ["pci", "mmio"])
 def test_virtio_guest_side_on_the_reference_vmm(
