@@ -43,7 +43,13 @@ from typing import Literal, Protocol
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
-from vmscope.virtio.device import EventfdSignal, LineLevelSignal, NullInterruptSignal, VirtioDevice
+from vmscope.virtio.device import (
+    EventfdSignal,
+    LineLevelSignal,
+    NullInterruptSignal,
+    VirtioDevice,
+    run_teardown_steps,
+)
 from vmscope.virtio.iothread import VirtioIoThread, new_eventfd
 from vmscope.virtio.mmio import REG_QUEUE_NOTIFY, WINDOW_SIZE, VirtioMmioTransport
 
@@ -146,11 +152,7 @@ class VirtioMmioAttachment:
         self.io.stop()
         self.device.set_interrupt_signal(NullInterruptSignal())
         cleanups, self._cleanups = self._cleanups, []
-        for cleanup in reversed(cleanups):
-            try:
-                cleanup()
-            except Exception as error:  # keep going: the VM fd is about to be closed anyway
-                log.warning("%s: teardown step failed: %s", self.device.name, error)
+        run_teardown_steps(self.device.name, reversed(cleanups))  # undo in reverse order
         self.io.close()
 
     def close(self) -> None:

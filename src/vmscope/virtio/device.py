@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,6 +70,15 @@ HostSource = tuple[int, Callable[[], None]]
 
 
 # -- interrupt delivery ------------------------------------------------------------------------------
+
+
+def run_teardown_steps(name: str, steps: Iterable[Callable[[], None]]) -> None:
+    """Run teardown steps in order; one failing step is logged and must not leak the rest."""
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("%s: a teardown step failed", name)
 
 
 class InterruptSignal(ABC):

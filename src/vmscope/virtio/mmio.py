@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from vmscope.devices.base import Device
-from vmscope.virtio.device import VirtioDevice
+from vmscope.virtio.device import VirtioDevice, run_teardown_steps
 
 log = logging.getLogger("vmscope.virtio.mmio")
 
@@ -73,15 +73,6 @@ _QUEUE_ADDRESS_REGISTERS = {
     REG_QUEUE_DEVICE_HIGH: ("device", True),
 }
 
-
-
-def run_close_callbacks(name: str, callbacks: list[Callable[[], None]]) -> None:
-    """Run a transport's teardown steps in order; one failing step must not leak the rest."""
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:
-            log.exception("%s: closing the transport failed", name)
 
 class VirtioMmioTransport(Device):
     """Maps the virtio-mmio v2 register file onto a :class:`VirtioDevice`."""
@@ -139,7 +130,7 @@ class VirtioMmioTransport(Device):
 
     def close(self) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
-        run_close_callbacks(self.name, callbacks)
+        run_teardown_steps(self.name, callbacks)
         self.device.close()
 
     # -- registers ------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ from vmscope.virtio.device import (
     InterruptSignal,
     NullInterruptSignal,
     VirtioDevice,
+    run_teardown_steps,
 )
-from vmscope.virtio.mmio import run_close_callbacks
 from vmscope.virtio.queue import Virtqueue
 
 log = logging.getLogger("vmscope.virtio.pci")
@@ -534,6 +534,6 @@ class VirtioPciTransport(PciDevice):
 
     def close(self) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
-        run_close_callbacks(self.name, callbacks)
+        run_teardown_steps(self.name, callbacks)
         self.interrupt.uninstall()
         self.device.close()

@@ -44,7 +44,13 @@ from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, in
 from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
 from vmscope.pci.msix import DirectMsiSink, GsiRouting, IrqfdMsiSink, MsiSink
 from vmscope.virtio.attach import MachineLike, VmLike
-from vmscope.virtio.device import EventfdSignal, InterruptSignal, LineLevelSignal, VirtioDevice
+from vmscope.virtio.device import (
+    EventfdSignal,
+    InterruptSignal,
+    LineLevelSignal,
+    VirtioDevice,
+    run_teardown_steps,
+)
 from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd, new_eventfd
 from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
 
@@ -216,11 +222,7 @@ class VirtioPciAttachment:
         with self._notify_lock:
             self._deassign_notifications()
         cleanups, self._cleanups = self._cleanups, []
-        for cleanup in reversed(cleanups):
-            try:
-                cleanup()
-            except Exception as error:  # keep going: the VM fd is about to be closed anyway
-                log.warning("%s: teardown step failed: %s", self.device.name, error)
+        run_teardown_steps(self.device.name, reversed(cleanups))  # undo in reverse order
         self.io.close()
 
     def close(self) -> None:
