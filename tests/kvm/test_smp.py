@@ -85,3 +85,26 @@ def test_vmscope_run_cli_starts_two_cpus(smp_guest: Path) -> None:
     assert run.returncode == STATUS_OK, run.stderr
     assert "bsp apic id 0, 1 of 1 AP(s) reported" in run.stdout
     assert "apic id mask 0000000000000002" in run.stdout
+
+
+def test_profiling_an_smp_guest_attributes_each_vcpus_exits_to_it(smp_guest: Path) -> None:
+    from vmscope.profiler.recorder import ProfileRecorder
+    from vmscope.vmm.machine import Machine
+    from vmscope.vmm.platform import install_platform_devices
+
+    with Machine(mem="64M", cpus=3) as machine:
+        install_platform_devices(machine, serial="none")
+        machine.load(smp_guest)
+        recorder = ProfileRecorder(machine, frequency_hz=199)
+        recorder.start()
+        result = machine.run(timeout=60)
+        profile = recorder.finish()
+    assert result.exit_status == 33, result.reason
+    reports = {s.vcpu: s.count for s in profile.exit_stats if s.detail == f"port {AP_REPORT_PORT:#x} out"}
+    assert reports == {1: 1, 2: 1}  # each AP's report is counted on its own vCPU, once
+    exit_samples = {(s.vcpu, s.exit_detail) for s in profile.samples if s.origin == "exit"}
+    assert {(1, f"port {AP_REPORT_PORT:#x} out"), (2, f"port {AP_REPORT_PORT:#x} out")} <= exit_samples
+    # the APs' report runs in the real-mode trampoline below 1 MiB: its samples point there
+    ap_ips = [s.ip for s in profile.samples if s.vcpu in (1, 2) and s.origin == "exit"]
+    assert ap_ips and all(ip < 0x10_0000 for ip in ap_ips)
+    assert profile.metadata.cpus == 3 and profile.vcpus == [0, 1, 2]
