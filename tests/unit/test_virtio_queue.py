@@ -181,8 +181,8 @@ def test_pop_returns_readable_and_writable_buffers_with_head(memory: GuestMemory
     assert queue.pop() is None
 
 
-def test_push_used_writes_element_then_index(memory: GuestMemory, arena: Arena) -> None:
-    order: list[int] = []
+def recording_memory(order: list[int]) -> GuestMemory:
+    """Guest RAM that appends the address of every write to ``order`` (to check store order)."""
 
     class Recording(GuestMemory):
         def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
@@ -193,7 +193,13 @@ def test_push_used_writes_element_then_index(memory: GuestMemory, arena: Arena) 
             order.append(gpa)
             super().write_u16(gpa, value)
 
-    recording = Recording.for_size(RAM_SIZE)
+    return Recording.for_size(RAM_SIZE)
+
+
+def test_push_used_writes_element_then_index(memory: GuestMemory, arena: Arena) -> None:
+    order: list[int] = []
+
+    recording = recording_memory(order)
     try:
         ring = Ring(recording, Arena(recording), 4)
         queue = make_queue(recording, ring)
@@ -211,16 +217,7 @@ def test_push_used_writes_element_then_index(memory: GuestMemory, arena: Arena) 
 def test_push_used_many_stores_every_element_before_one_index_update(arena: Arena) -> None:
     order: list[int] = []
 
-    class Recording(GuestMemory):
-        def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-            order.append(gpa)
-            super().write(gpa, data)
-
-        def write_u16(self, gpa: int, value: int) -> None:
-            order.append(gpa)
-            super().write_u16(gpa, value)
-
-    recording = Recording.for_size(RAM_SIZE)
+    recording = recording_memory(order)
     try:
         ring = Ring(recording, Arena(recording), 4)
         queue = make_queue(recording, ring)
