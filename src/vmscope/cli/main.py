@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,23 +23,28 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vmscope.cli import ctl, diff, initramfs, record, report, run, stat, top
+#: subcommand name -> module in this package (imported only when needed: start-up time matters)
+SUBCOMMANDS = ("run", "stat", "record", "report", "diff", "initramfs", "ctl", "top")
 
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; with a subcommand in ``argv`` only that subcommand's module is imported."""
     parser = argparse.ArgumentParser(
         prog="vmscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"vmscope {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (run, stat, record, report, diff, initramfs, ctl, top):
-        module.register(subparsers)
+    requested = next((word for word in argv if not word.startswith("-")), None)
+    for name in [requested] if requested in SUBCOMMANDS else SUBCOMMANDS:
+        importlib.import_module(f"vmscope.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(
         level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s"

@@ -8,11 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmscope.arch.x86.cpu_state import CpuMode
-from vmscope.control import attach_control_server
 from vmscope.errors import ConfigError
 from vmscope.loader import LoadedGuest
 from vmscope.loader.bzimage import is_bzimage
-from vmscope.profiler.symbols import Symbolizer
 from vmscope.vmm.machine import Machine, RunResult
 from vmscope.vmm.platform import install_platform_devices
 from vmscope.vmm.virtio_setup import install_virtio_devices
@@ -145,6 +143,8 @@ def build_machine(args: argparse.Namespace) -> Machine:
 
 def symbolizer_for(paths: list[Path], guest: LoadedGuest | None) -> Callable[[int], str | None]:
     """'function+0xoff [module]' lookups over the given symbol files and the guest image."""
+    from vmscope.profiler.symbols import Symbolizer
+
     files = list(paths)
     if guest is not None and guest.symbol_file is not None:
         files.append(guest.symbol_file)
@@ -167,7 +167,11 @@ def report_result(result: RunResult, quiet: bool = False) -> None:
 
 def run_with_control(machine: Machine, args: argparse.Namespace) -> RunResult:
     """Run the machine, serving the control socket while it runs when --control asks for one."""
-    control = attach_control_server(machine, args.control) if args.control else None
+    control = None
+    if args.control:
+        from vmscope.control import attach_control_server
+
+        control = attach_control_server(machine, args.control)
     try:
         return machine.run(timeout=args.timeout)
     finally:

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import capstone
-
 from vmscope.errors import GuestMemoryError
 from vmscope.kvm import structs as s
 from vmscope.memory.guest_memory import GuestMemory
@@ -91,6 +89,8 @@ class CrashReport:
 
 def cpu_mode_name(sregs: s.kvm_sregs) -> tuple[str, int]:
     """Readable mode and capstone mode for the vCPU's current code segment."""
+    import capstone  # only crash reports need it; keep it out of start-up
+
     if not sregs.cr0 & 1:
         return "real mode", capstone.CS_MODE_16
     if sregs.cs.l:
@@ -102,6 +102,8 @@ def cpu_mode_name(sregs: s.kvm_sregs) -> tuple[str, int]:
 
 def disassemble_one(code: bytes, address: int, mode: int) -> tuple[str, str, bytes] | None:
     """(mnemonic, text, bytes) of the first instruction in ``code``, or None if undecodable."""
+    import capstone
+
     decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
     for instruction in decoder.disasm(code, address):
         text = f"{instruction.mnemonic} {instruction.op_str}".strip()
@@ -120,6 +122,8 @@ def build_crash_report(
     symbolize: Callable[[int], str | None] | None = None,
     backend: str = "",
 ) -> CrashReport:
+    import capstone
+
     mode_name, cs_mode = cpu_mode_name(sregs)
     report = CrashReport(
         vcpu_id=vcpu_id,

@@ -1,0 +1,36 @@
+"""The top-level CLI: every subcommand is listed, and running one imports only that one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from vmscope.cli.main import SUBCOMMANDS, build_parser
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_help_lists_every_subcommand() -> None:
+    help_text = build_parser([]).format_help()
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in help_text
+
+
+def test_running_one_subcommand_imports_no_other_subcommand_module() -> None:
+    probe = (
+        "import sys; from vmscope.cli.main import build_parser; build_parser(['-v', 'run', '--elf', 'x']); "
+        "print(sorted(m for m in sys.modules if m.startswith('vmscope.cli.') and m != 'vmscope.cli.main'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env={"PYTHONPATH": SRC}, check=True
+    )
+    assert result.stdout.strip() == "['vmscope.cli.run']"
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vmscope", "nosuch"], capture_output=True, text=True, env={"PYTHONPATH": SRC}
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'nosuch'" in result.stderr
