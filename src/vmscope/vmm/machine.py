@@ -108,6 +108,11 @@ class Machine:
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
         self.kvm = Kvm(kvm_device)
         self.kvm.require(*REQUIRED_CAPS)
+        if self.kvm.backend == "kvm_pvm":
+            log.info(
+                "KVM backend kvm_pvm (software virtualization, no VT-x/AMD-V): guest kernel code is "
+                "emulated, exits cost ~10 us, and some instructions cannot run in guest kernel mode"
+            )
         max_cpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS)
         if not 1 <= cpus <= max_cpus:
             raise ConfigError(f"--cpus {cpus} is out of range: this host allows 1 to {max_cpus} vCPUs")
