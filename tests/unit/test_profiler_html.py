@@ -194,3 +194,14 @@ def test_html_renders_flame_graph_in_chromium(tmp_path: Path) -> None:
         is_flame_colour(*root_row[x * channels : x * channels + 3]) for x in range(left + 40, right)
     )
     assert root_pixels >= 0.95 * (right - left - 40)
+
+
+def test_html_shows_the_io_latency_split() -> None:
+    from vmscope.profiler.model import IO_PART_NAMES, Span
+
+    profile = profile_with_hostile_symbol()
+    parts = dict(zip(IO_PART_NAMES, (2_000, 1_000, 5_000, 1_000, 1_000), strict=True))
+    profile.spans.append(Span("io:virtio-blk0", "request:read", 0, 10_000, parts))
+    page = export_html(profile)
+    table = page.split("I/O request latency, split into its parts", 1)[1].split("</table>", 1)[0]
+    assert "virtio-blk0" in table and ">read<" in table and "5.00us (50.00%)" in table

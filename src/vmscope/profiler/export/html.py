@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from vmscope.profiler.model import Profile
+from vmscope.profiler.model import IO_PART_NAMES, Profile
 from vmscope.profiler.report import (
     FrameNamer,
     aggregate_stacks,
@@ -24,6 +24,7 @@ from vmscope.profiler.report import (
     format_ns,
     format_pct,
     format_us,
+    io_latency_rows,
     kvm_stat_events,
     select_samples,
     top_functions,
@@ -219,6 +220,23 @@ def _tables(profile: Profile, namer: FrameNamer) -> str:
                     ]
                     for r in rows
                 ],
+            )
+        )
+    io_rows = io_latency_rows(profile)
+    if io_rows:
+        parts.append(
+            _table(
+                "I/O request latency, split into its parts (mean per request)",
+                ["Device", "Request", "Count", "Total", *IO_PART_NAMES],
+                [
+                    [device, request, str(count), format_us(total)]
+                    + [
+                        f"{format_us(part)} ({format_pct(100 * part / total if total else 0)})"
+                        for part in parts
+                    ]
+                    for device, request, count, total, parts in io_rows
+                ],
+                numeric_from=2,
             )
         )
     if profile.unclaimed:
