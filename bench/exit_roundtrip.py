@@ -33,6 +33,7 @@ sys.path.insert(0, str(SRC))
 
 from vmscope.errors import VmscopeError  # noqa: E402
 from vmscope.guest.build import RUNTIME_LINKER_SCRIPT, build_guest  # noqa: E402
+from vmscope.kvm import describe_backend  # noqa: E402
 
 CommandFor = Callable[[Path, str], list[str]]
 
@@ -157,15 +158,6 @@ def probe(vmm: Vmm, elf: Path) -> str | None:
     return None
 
 
-def host_description() -> str:
-    if Path("/sys/module/kvm_pvm").exists():
-        return "KVM backend kvm_pvm (software virtualization: CPL0 guest code is emulated)"
-    for module, name in (("kvm_intel", "Intel VT-x"), ("kvm_amd", "AMD-V")):
-        if Path(f"/sys/module/{module}").exists():
-            return f"KVM backend {module} ({name})"
-    return "KVM backend unknown"
-
-
 def print_table(vmms: list[Vmm], exits: int, reference: Vmm) -> None:
     ref_cost = reference.per_exit_us(exits)
     header = ["VMM", "us/exit", "min-max", "vs C ref", "start-up ms"]
@@ -212,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.exits < 1 or args.repeat < 1:
         parser.error("--exits and --repeat must be at least 1")
 
-    print(f"host: {host_description()}, {os.cpu_count()} CPUs")
+    print(f"host: {describe_backend()}, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="vmscope-bench-") as tmp:
         try:
             elf = build_guest("exit_loop", [GUEST_SOURCE], linker_script=RUNTIME_LINKER_SCRIPT)

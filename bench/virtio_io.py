@@ -40,6 +40,7 @@ sys.path.insert(0, str(SRC))
 
 from vmscope.errors import VmscopeError  # noqa: E402
 from vmscope.guest.build import build_runtime_guest  # noqa: E402
+from vmscope.kvm import describe_backend  # noqa: E402
 
 CommandFor = Callable[[Path, Path, str], list[str]]
 
@@ -158,15 +159,6 @@ def parked_iothread_notify_us(elf: Path, image: Path, workload: Workload, repeat
     return results
 
 
-def host_description() -> str:
-    if Path("/sys/module/kvm_pvm").exists():
-        return "KVM backend kvm_pvm (software virtualization: CPL0 guest code is emulated)"
-    for module, name in (("kvm_intel", "Intel VT-x"), ("kvm_amd", "AMD-V")):
-        if Path(f"/sys/module/{module}").exists():
-            return f"KVM backend {module} ({name})"
-    return "KVM backend unknown"
-
-
 def cell(values: list[float] | None) -> str:
     if not values:
         return "n/a"
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         qemu = qemu_vmm(binary)
         vmms.append(qemu)
     loads = workloads(args.scale)
-    print(host_description())
+    print(describe_backend())
     print(f"guest: {elf}")
 
     with tempfile.TemporaryDirectory(prefix="virtio-io-") as directory:

@@ -2,8 +2,8 @@
 
 from vmscope.kvm.constants import Cap, ExitReason
 from vmscope.kvm.stats import BinaryStats
-from vmscope.kvm.system import Kvm, detect_backend
+from vmscope.kvm.system import Kvm, describe_backend, detect_backend
 from vmscope.kvm.vcpu import Vcpu
 from vmscope.kvm.vm import Vm
 
-__all__ = ["BinaryStats", "Cap", "ExitReason", "Kvm", "Vcpu", "Vm", "detect_backend"]
+__all__ = ["BinaryStats", "Cap", "ExitReason", "Kvm", "Vcpu", "Vm", "describe_backend", "detect_backend"]

@@ -30,6 +30,20 @@ def detect_backend(sys_module: Path = Path("/sys/module")) -> str:
     return "unknown"
 
 
+BACKEND_DESCRIPTIONS = {
+    "kvm_pvm": "software virtualization, no VT-x/AMD-V: guest kernel code is emulated",
+    "kvm_intel": "Intel VT-x",
+    "kvm_amd": "AMD-V",
+}
+
+
+def describe_backend(backend: str | None = None) -> str:
+    """'KVM backend kvm_pvm (software virtualization, ...)' for logs and benchmark headers."""
+    name = backend or detect_backend()
+    detail = BACKEND_DESCRIPTIONS.get(name)
+    return f"KVM backend {name} ({detail})" if detail else f"KVM backend {name}"
+
+
 class Kvm:
     """An open /dev/kvm."""
 

@@ -31,7 +31,7 @@ from vmscope.arch.x86.mptable import build_mptable
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
-from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu
+from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
@@ -110,8 +110,7 @@ class Machine:
         self.kvm.require(*REQUIRED_CAPS)
         if self.kvm.backend == "kvm_pvm":
             log.info(
-                "KVM backend kvm_pvm (software virtualization, no VT-x/AMD-V): guest kernel code is "
-                "emulated, exits cost ~10 us, and some instructions cannot run in guest kernel mode"
+                "%s; some instructions cannot run in guest kernel mode", describe_backend(self.kvm.backend)
             )
         max_cpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS)
         if not 1 <= cpus <= max_cpus:
