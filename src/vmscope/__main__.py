@@ -1,4 +1,5 @@
 """python -m vmscope"""
+
 import sys
 
 from vmscope.cli.main import main

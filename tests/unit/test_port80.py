@@ -26,7 +26,7 @@ def test_default_clock_is_monotonic_nanoseconds() -> None:
     before = time.monotonic_ns()
     port.write(0, b"\x42")
     after = time.monotonic_ns()
-    (stamp, value), = port.records
+    ((stamp, value),) = port.records
     assert before <= stamp <= after and value == 0x42
 
 

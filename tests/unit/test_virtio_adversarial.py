@@ -171,6 +171,30 @@ def test_malformed_chain_sets_needs_reset_and_recovers_after_reset(
     assert request.status == VIRTIO_BLK_S_OK and request.data() == IMAGE[512:1024]
 
 
+def test_requests_before_a_malformed_chain_are_served_first(
+    setup: tuple[VirtioBlock, MmioDriver, MmioBus],
+) -> None:
+    """One notification, three good reads (two of them neighbours, sharing a syscall), then a
+    head outside the descriptor table: the reads complete with their data, then the device
+    needs a reset."""
+    disk, driver, _ = setup
+    (ring,) = driver.init(queue_size=16)
+    good = [
+        submit(ring, VIRTIO_BLK_T_IN, 2, in_length=512),
+        submit(ring, VIRTIO_BLK_T_IN, 3, in_length=512),
+        submit(ring, VIRTIO_BLK_T_IN, 7, in_length=1024),
+    ]
+    head_out_of_range(ring, driver.arena)
+    driver.notify(0)
+    assert ring.take_used() == [(good[0].head, 513), (good[1].head, 513), (good[2].head, 1025)]
+    assert [request.status for request in good] == [VIRTIO_BLK_S_OK] * 3
+    assert good[0].data() == IMAGE[1024:1536] and good[1].data() == IMAGE[1536:2048]
+    assert good[2].data() == IMAGE[7 * 512 : 9 * 512]
+    assert driver.read32(REG_STATUS) & STATUS_NEEDS_RESET
+    assert disk.last_error is not None and "head index" in disk.last_error
+    assert [trace.sector for trace in disk.traces()] == [2, 3, 7]
+
+
 def test_device_model_bug_is_contained(
     setup: tuple[VirtioBlock, MmioDriver, MmioBus],
     caplog: pytest.LogCaptureFixture,

@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vmscope.errors import ConfigError, GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
@@ -160,28 +161,18 @@ class RequestTrace:
         return end - self.notify_ns
 
 
-class _Transfer:
-    """A read or write request whose data can move in the same syscall as its neighbours'."""
+#: what a served request leaves for its :class:`RequestTrace`, kept as a plain tuple on the hot
+#: path (queue, head, request_type, sector, length, status, notify_ns, pickup_ns,
+#: backend_start_ns, backend_end_ns, complete_ns); traces are built from these when asked for
+_TraceRecord = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
-    __slots__ = ("chain", "length", "offset", "pickup_ns", "pieces", "request_type", "sector")
 
-    def __init__(
-        self,
-        chain: DescriptorChain,
-        pickup_ns: int,
-        request_type: int,
-        sector: int,
-        length: int,
-        pieces: list[tuple[int, int]],
-    ) -> None:
-        self.chain = chain
-        self.pickup_ns = pickup_ns
-        self.request_type = request_type
-        self.sector = sector
-        self.offset = sector * SECTOR_SIZE
-        self.length = length
-        #: the guest buffers of the data, in order
-        self.pieces = pieces
+class _TraceBatch(NamedTuple):
+    """Requests completed together: one interrupt decision and one serving thread."""
+
+    records: list[_TraceRecord]
+    interrupt_ns: int | None
+    thread: str
 
 
 class _RequestFailed(Exception):
@@ -263,7 +254,9 @@ class VirtioBlock(VirtioDevice):
         id_text = serial if serial is not None else Path(self.path).name
         self.serial = id_text.encode("ascii", "replace")[:ID_BYTES]
         self._write_through = True
-        self._traces: collections.deque[RequestTrace] = collections.deque(maxlen=trace_limit)
+        self._trace_limit = max(0, trace_limit)
+        self._trace_batches: collections.deque[_TraceBatch] = collections.deque()
+        self._traced = 0  # requests in _trace_batches
         self._trace_lock = threading.Lock()
         self._ram: tuple[int, int, memoryview] | None = None
         #: request counters by outcome
@@ -313,206 +306,218 @@ class VirtioBlock(VirtioDevice):
     # -- traces -----------------------------------------------------------------------------------
 
     def traces(self) -> list[RequestTrace]:
-        """The recorded requests, oldest first (a copy)."""
+        """The recorded requests (the last ``trace_limit``), oldest first (a copy)."""
         with self._trace_lock:
-            return list(self._traces)
+            batches = list(self._trace_batches)
+        return self._build_traces(batches)
 
     def drain_traces(self) -> list[RequestTrace]:
         """The recorded requests, oldest first, removing them."""
         with self._trace_lock:
-            records = list(self._traces)
-            self._traces.clear()
-            return records
+            batches = list(self._trace_batches)
+            self._trace_batches.clear()
+            self._traced = 0
+        return self._build_traces(batches)
+
+    def _build_traces(self, batches: list[_TraceBatch]) -> list[RequestTrace]:
+        name = self.name
+        traces = [
+            RequestTrace(name, *record, interrupt_ns=batch.interrupt_ns, thread=batch.thread)
+            for batch in batches
+            for record in batch.records
+        ]
+        return traces[len(traces) - self._trace_limit :] if len(traces) > self._trace_limit else traces
+
+    def _keep_traces(self, records: list[_TraceRecord], interrupt_ns: int | None, thread: str) -> None:
+        """Store a completed batch's records, dropping the oldest batches beyond the limit."""
+        if not self._trace_limit:
+            return
+        with self._trace_lock:
+            batches = self._trace_batches
+            batches.append(_TraceBatch(records, interrupt_ns, thread))
+            self._traced += len(records)
+            while self._traced - len(batches[0].records) >= self._trace_limit:
+                self._traced -= len(batches.popleft().records)
 
     # -- request processing ---------------------------------------------------------------------
 
     def process_queue(self, queue: Virtqueue, notified_ns: int) -> None:
         thread = threading.current_thread().name
         clock = time.perf_counter_ns
-        pop = queue.pop
         while True:
-            # take up to _SIGNAL_EVERY chains off the ring, so neighbouring transfers can merge
-            chains: list[tuple[DescriptorChain, int]] = []
+            # take up to _SIGNAL_EVERY chains off the ring, so neighbouring transfers can merge;
+            # one pickup time for the pass (taking a chain off the ring costs about a microsecond)
+            chains: list[DescriptorChain] = []
             malformed: Exception | None = None
-            drained = False
+            pickup_ns = clock()
             try:
-                while len(chains) < _SIGNAL_EVERY:
-                    chain = pop()
-                    if chain is None:
-                        drained = True
-                        break
-                    chains.append((chain, clock()))
+                drained = queue.pop_into(chains, _SIGNAL_EVERY)
             except (VirtqueueError, GuestMemoryError) as error:
                 malformed = error  # the chains before it are served first, as one by one would
+                drained = True
             if not chains:
                 if malformed is not None:
                     raise malformed
                 return
-            batch: list[RequestTrace] = []
+            records: list[_TraceRecord] = []
             try:
-                self._serve_batch(queue, chains, notified_ns, thread, batch)
+                self._serve_batch(queue, chains, notified_ns, pickup_ns, records)
             finally:
-                if batch:
-                    self._complete(queue, batch)
+                if records:
+                    self._complete(queue, records, thread)
             if malformed is not None:
                 raise malformed
             if drained:
                 # the ring was empty when last read; the driver notifies for anything newer (with
-                # EVENT_IDX, pop published avail_event as it found the ring empty)
+                # EVENT_IDX, pop_into published avail_event as it found the ring empty)
                 return
 
     def _serve_batch(
         self,
         queue: Virtqueue,
-        chains: list[tuple[DescriptorChain, int]],
+        chains: list[DescriptorChain],
         notified_ns: int,
-        thread: str,
-        batch: list[RequestTrace],
+        pickup_ns: int,
+        records: list[_TraceRecord],
     ) -> None:
         """Serve ``chains`` in ring order; runs of reads (or writes) of consecutive disk ranges
-        share one preadv (pwritev), as QEMU merges them. Traces go to ``batch`` as completed."""
-        run: list[_Transfer] = []
+        share one preadv (pwritev), as QEMU merges them. Records go to ``records`` as completed.
+
+        The usual read or write (header in the first RAM region, a data length that is a
+        multiple of 512 inside the disk) is recognised here with a few tuple operations; every
+        other request, and anything that fails, is served alone by :meth:`_serve`, so its status
+        is its own.
+        """
+        ram_start, ram_end, ram = self._ram_window()
+        unpack_header = REQUEST_HEADER.unpack_from
+        header_size = REQUEST_HEADER.size
+        capacity = self.capacity
+        writes_allowed = not self.read_only and self._fd is not None
+        reads_allowed = self._fd is not None
+        run: list[tuple[DescriptorChain, int, int]] = []  # (chain, sector, data length)
+        run_pieces: list[tuple[int, int]] = []
+        run_type = run_next_sector = -1
         try:
-            for chain, pickup_ns in chains:
-                transfer = self._as_transfer(chain, pickup_ns)
-                if transfer is None:
-                    if run:
-                        self._serve_run(queue, run, notified_ns, thread, batch)
-                        run = []
-                    batch.append(self._serve(queue, chain, notified_ns, pickup_ns, thread))
-                    continue
-                if run:
-                    last = run[-1]
+            for chain in chains:
+                _head, readable, writable, _count = chain
+                request_type = -1
+                length = sector = 0
+                pieces: list[tuple[int, int]] | tuple[tuple[int, int], ...] = ()
+                if readable and writable:
+                    header_address, header_length = readable[0]
                     if (
-                        transfer.request_type != last.request_type
-                        or transfer.offset != last.offset + last.length
-                        or len(run) >= _MERGE_MAX_REQUESTS
+                        header_length >= header_size
+                        and ram_start <= header_address
+                        and header_address + header_size <= ram_end
                     ):
-                        self._serve_run(queue, run, notified_ns, thread, batch)
-                        run = []
-                run.append(transfer)
+                        request_type, _reserved, sector = unpack_header(ram, header_address - ram_start)
+                    if request_type == VIRTIO_BLK_T_IN and reads_allowed:
+                        if len(writable) == 2 and writable[1][1] == 1:  # data, status
+                            pieces = writable[:1]
+                            length = pieces[0][1]
+                        else:
+                            length = sum(size for _, size in writable) - 1
+                            pieces = slice_buffers(writable, 0, length)
+                    elif request_type == VIRTIO_BLK_T_OUT and writes_allowed:
+                        if len(readable) == 2 and header_length == header_size:  # header, data
+                            pieces = readable[1:]
+                            length = pieces[0][1]
+                        else:
+                            length = sum(size for _, size in readable) - header_size
+                            pieces = slice_buffers(readable, header_size, length)
+                    else:
+                        request_type = -1
+                    if length <= 0 or length % SECTOR_SIZE or sector + length // SECTOR_SIZE > capacity:
+                        request_type = -1
+                if request_type < 0:
+                    if run:
+                        self._serve_run(queue, run, run_pieces, run_type, notified_ns, pickup_ns, records)
+                        run, run_pieces = [], []
+                    records.append(self._serve(queue, chain, notified_ns, pickup_ns))
+                    continue
+                if run and (
+                    request_type != run_type or sector != run_next_sector or len(run) >= _MERGE_MAX_REQUESTS
+                ):
+                    self._serve_run(queue, run, run_pieces, run_type, notified_ns, pickup_ns, records)
+                    run, run_pieces = [], []
+                run.append((chain, sector, length))
+                run_pieces.extend(pieces)
+                run_type, run_next_sector = request_type, sector + length // SECTOR_SIZE
         finally:
             if run:  # also when a later chain turned out malformed: these came before it
-                self._serve_run(queue, run, notified_ns, thread, batch)
-
-    def _as_transfer(self, chain: DescriptorChain, pickup_ns: int) -> _Transfer | None:
-        """The chain as a plain read or write that can share a syscall, or None (served alone:
-        other types, odd layouts, and anything that fails, so its status is its own)."""
-        readable, writable = chain.readable, chain.writable
-        if not readable or not writable or self._fd is None:
-            return None
-        header_address, header_length = readable[0]
-        if header_length < REQUEST_HEADER.size:
-            return None
-        ram_start, ram_end, ram = self._ram_window()
-        if ram_start <= header_address and header_address + REQUEST_HEADER.size <= ram_end:
-            request_type, _reserved, sector = REQUEST_HEADER.unpack_from(ram, header_address - ram_start)
-        else:
-            request_type, _reserved, sector = REQUEST_HEADER.unpack(
-                self.memory.read(header_address, REQUEST_HEADER.size)
-            )
-        if request_type == VIRTIO_BLK_T_IN:
-            length = sum(size for _, size in writable) - 1
-            if len(writable) == 2 and writable[0][1] == length:
-                pieces = [writable[0]]
-            else:
-                pieces = slice_buffers(writable, 0, length)
-        elif request_type == VIRTIO_BLK_T_OUT and not self.read_only:
-            length = sum(size for _, size in readable) - REQUEST_HEADER.size
-            if len(readable) == 2 and header_length == REQUEST_HEADER.size:
-                pieces = [readable[1]]
-            else:
-                pieces = slice_buffers(readable, REQUEST_HEADER.size, length)
-        else:
-            return None
-        if length <= 0 or length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity:
-            return None
-        return _Transfer(chain, pickup_ns, request_type, sector, length, pieces)
+                self._serve_run(queue, run, run_pieces, run_type, notified_ns, pickup_ns, records)
 
     def _serve_run(
         self,
         queue: Virtqueue,
-        run: list[_Transfer],
+        run: list[tuple[DescriptorChain, int, int]],
+        pieces: list[tuple[int, int]],
+        request_type: int,
         notified_ns: int,
-        thread: str,
-        batch: list[RequestTrace],
+        pickup_ns: int,
+        records: list[_TraceRecord],
     ) -> None:
-        """One syscall for a run of transfers (see :meth:`_as_transfer`), then their completions."""
-        first = run[0]
-        write = first.request_type == VIRTIO_BLK_T_OUT
+        """One syscall for a run of reads or writes of consecutive sectors (see
+        :meth:`_serve_batch`), then their status bytes and one used-index update."""
+        write = request_type == VIRTIO_BLK_T_OUT
         clock = time.perf_counter_ns
-        pieces = first.pieces if len(run) == 1 else [piece for t in run for piece in t.pieces]
+        first_sector = run[0][1]
         status = VIRTIO_BLK_S_OK
         backend_start = clock()
         try:
-            self._transfer(self._require_fd(), pieces, first.offset, write=write)
+            self._transfer(self._require_fd(), pieces, first_sector * SECTOR_SIZE, write=write)
             if write and self._write_through:
                 self._sync()
         except _RequestFailed as failure:
             if len(run) > 1:  # find out which request failed: serve each on its own
-                for t in run:
-                    batch.append(self._serve(queue, t.chain, notified_ns, t.pickup_ns, thread))
+                for chain, _, _ in run:
+                    records.append(self._serve(queue, chain, notified_ns, pickup_ns))
                 return
             status = failure.status
             self.io_errors += 1
-            log.debug("%s: request %d failed (status %d): %s", self.name, first.chain.head, status, failure)
+            log.debug("%s: request %d failed (status %d): %s", self.name, run[0][0].head, status, failure)
         backend_end = clock()
         memory = self.memory
         ram_start, ram_end, ram = self._ram_window()
         completions = []
-        for t in run:
-            self.requests += 1
-            written = 0
-            if status == VIRTIO_BLK_S_OK:
-                if write:
-                    self.bytes_written += t.length
-                else:
-                    self.bytes_read += t.length
-                    written = t.length
+        moved = 0
+        for chain, _, length in run:
             # the status is the last device-writable byte: the last byte of the last writable buffer
-            status_address, status_length = t.chain.writable[-1]
+            status_address, status_length = chain.writable[-1]
             status_address += status_length - 1
             if ram_start <= status_address < ram_end:
                 ram[status_address - ram_start] = status
             else:
                 memory.write_u8(status_address, status)
-            completions.append((t.chain.head, written + 1))
+            completions.append((chain.head, 1 if write or status else length + 1))
+            moved += length
+        self.requests += len(run)
+        if status == VIRTIO_BLK_S_OK:
+            if write:
+                self.bytes_written += moved
+            else:
+                self.bytes_read += moved
         # the run finished together: one used-index update publishes all of it
         queue.push_used_many(completions)
         complete_ns = clock()
-        name, queue_index = self.name, queue.index
-        batch.extend(
-            RequestTrace(
-                name,
-                queue_index,
-                t.chain.head,
-                t.request_type,
-                t.sector,
-                t.length,
-                status,
-                notified_ns,
-                t.pickup_ns,
-                backend_start,
-                backend_end,
-                complete_ns,
-                thread=thread,
-            )
-            for t in run
+        queue_index = queue.index
+        times = (notified_ns, pickup_ns, backend_start, backend_end, complete_ns)
+        records.extend(
+            (queue_index, chain.head, request_type, sector, length, status, *times)
+            for chain, sector, length in run
         )
 
-    def _complete(self, queue: Virtqueue, batch: list[RequestTrace]) -> None:
+    def _complete(self, queue: Virtqueue, records: list[_TraceRecord], thread: str) -> None:
         stamp: int | None = None
         try:
             stamp = self.signal_used(queue)
         finally:
-            with self._trace_lock:
-                for trace in batch:
-                    trace.interrupt_ns = stamp
-                    self._traces.append(trace)
+            self._keep_traces(records, stamp, thread)
 
     def _serve(
-        self, queue: Virtqueue, chain: DescriptorChain, notified_ns: int, pickup_ns: int, thread: str
-    ) -> RequestTrace:
+        self, queue: Virtqueue, chain: DescriptorChain, notified_ns: int, pickup_ns: int
+    ) -> _TraceRecord:
+        """Serve one request of any type on its own; its trace record."""
         memory = self.memory
         readable, writable = chain.readable, chain.writable
         readable_length = sum(length for _, length in readable)
@@ -589,21 +594,10 @@ class VirtioBlock(VirtioDevice):
         status_address, status_length = writable[-1]
         memory.write_u8(status_address + status_length - 1, status)
         queue.push_used(chain.head, written + 1)
-        return RequestTrace(
-            self.name,
-            queue.index,
-            chain.head,
-            request_type,
-            sector,
-            length,
-            status,
-            notified_ns,
-            pickup_ns,
-            backend_start,
-            backend_end,
-            perf_counter_ns(),
-            thread=thread,
-        )
+        return (
+            queue.index, chain.head, request_type, sector, length, status,
+            notified_ns, pickup_ns, backend_start, backend_end, perf_counter_ns(),
+        )  # fmt: skip
 
     # -- backend operations ---------------------------------------------------------------------
 
@@ -653,8 +647,15 @@ class VirtioBlock(VirtioDevice):
             if done <= 0:
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
             pieces, offset = [(address + done, size - done)], offset + done
+        ram_start, ram_end, ram = self._ram_window()
+        memory = self.memory
         for start in range(0, len(pieces), _IOV_MAX):
-            views = [self._guest_view(address, size) for address, size in pieces[start : start + _IOV_MAX]]
+            views = [
+                ram[address - ram_start : address - ram_start + size]
+                if ram_start <= address and address + size <= ram_end
+                else memory.view(address, size)
+                for address, size in pieces[start : start + _IOV_MAX]
+            ]
             try:
                 remaining = sum(len(view) for view in views)
                 while remaining:
@@ -666,7 +667,8 @@ class VirtioBlock(VirtioDevice):
                         raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
                     offset += done
                     remaining -= done
-                    views = _advance(views, done)
+                    if remaining:
+                        views = _advance(views, done)
             finally:
                 for view in views:
                     view.release()
