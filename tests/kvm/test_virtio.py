@@ -8,6 +8,7 @@ console's file backend, and the VMM surviving a malformed queue and a SIGKILL ri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -120,6 +121,33 @@ def test_blk_writes_land_at_their_offsets_and_requests_run_on_the_expected_threa
     assert found, serial
     assert int(found.group(1)) >= 1 and int(found.group(2), 16) == 1
     assert devices[0].stats.interrupts >= len(traces)  # type: ignore[attr-defined]
+
+
+def test_host_tools_see_the_vcpu_and_io_threads_by_name(guest: Path, tmp_path: Path) -> None:
+    """While a guest keeps its disk busy, the kernel's names of the VMM's threads (what ``top -H``
+    and ``ps -L`` show) include the vCPU and the disk's I/O thread."""
+    image = make_image(tmp_path / "disk.img")
+
+    def thread_names() -> set[str]:
+        names = set()
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                names.add((task / "comm").read_text().strip())
+        return names
+
+    with Machine(mem="64M") as machine:
+        install_platform_devices(machine, serial=f"file:{tmp_path / 'serial.log'}")
+        (attachment,) = install_virtio_devices(machine, disks=(str(image),))
+        machine.load(guest, cmdline="mode=bench-io bs=4096 depth=4 count=4000000")
+        machine.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not attachment.device.traces() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.01)
+            names = thread_names()
+        finally:
+            machine.stop()
+    assert {"vcpu0", "io:virtio-blk0"} <= names, names
 
 
 def test_get_id_returns_the_configured_serial_cut_to_20_bytes(guest: Path, tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ polling for 50 ms, so polling never competes for long with a vCPU for a CPU.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -46,6 +45,7 @@ import time
 from collections.abc import Callable
 
 from vmscope.virtio.device import VirtioDevice
+from vmscope.vmm.host_thread import name_host_thread, set_timer_slack
 
 log = logging.getLogger("vmscope.virtio.iothread")
 
@@ -66,7 +66,6 @@ _POLL_MISS_LIMIT = 8
 _POLL_BACKOFF_NS = 50_000_000
 #: timer slack of a polling I/O thread (Linux's default of 50 us would stretch every yield)
 _POLL_TIMER_SLACK_NS = 1_000
-_PR_SET_TIMERSLACK = 29
 
 
 def _yield_gil() -> bool:
@@ -76,15 +75,6 @@ def _yield_gil() -> bool:
     before = time.perf_counter_ns()
     time.sleep(_POLL_YIELD_S)
     return time.perf_counter_ns() - before <= _PREEMPTED_NS
-
-
-def _set_timer_slack(nanoseconds: int) -> None:
-    """prctl(PR_SET_TIMERSLACK) for the calling thread; best effort (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), 0, 0, 0)
-    except (OSError, AttributeError) as error:
-        log.debug("cannot set the timer slack: %s", error)
 
 
 def default_poll_ns() -> int:
@@ -152,6 +142,7 @@ class IoThread:
         self._thread.start()
 
     def _run(self) -> None:
+        name_host_thread(self.name)
         selector, stop_fd = self._selector, self._stop_fd
         while True:
             try:
@@ -279,7 +270,7 @@ class VirtioIoThread:
         if start < self._poll_resume_ns:
             return
         if not self._timer_slack_set:
-            _set_timer_slack(_POLL_TIMER_SLACK_NS)  # this thread's short sleeps stay short
+            set_timer_slack(_POLL_TIMER_SLACK_NS)  # this thread's short sleeps stay short
             self._timer_slack_set = True
         device = self.device
         avail_index = device.queue_avail_index

@@ -23,6 +23,7 @@ from vmscope.kvm import structs as s
 from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.vmm.exit_stats import VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
+from vmscope.vmm.host_thread import name_host_thread
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
@@ -207,6 +208,7 @@ class VcpuRunner:
     def _thread_main(self) -> None:
         self.thread_ident = threading.get_ident()
         try:
+            name_host_thread()
             self._exit_loop()
         except Exception as error:  # a VMM bug must still stop the VM with a report, not hang it
             log.exception("vCPU %d: internal error in the exit loop", self.vcpu.id)
