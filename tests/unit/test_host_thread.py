@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmscope.vmm.host_thread import HOST_NAME_BYTES, name_host_thread, set_timer_slack
+from vmscope.host_thread import HOST_NAME_BYTES, name_host_thread, set_timer_slack
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 

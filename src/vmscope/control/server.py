@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError, PageFault, VmscopeError
+from vmscope.host_thread import name_host_thread
 from vmscope.profiler.histogram import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -838,6 +839,7 @@ class ControlServer:
     # -- the server thread ----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        name_host_thread()
         selector = self._selector
         assert selector is not None
         while not self._closing.is_set():

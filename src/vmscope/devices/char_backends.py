@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vmscope.errors import ConfigError
+from vmscope.host_thread import name_host_thread
 
 log = logging.getLogger("vmscope.devices.serial")
 
@@ -186,6 +187,7 @@ class StdioBackend(SerialBackend):
 
     @staticmethod
     def _read_loop(fd: int, waker: _Waker, deliver: InputSink) -> None:
+        name_host_thread()
         while waker.wait_readable(fd):
             try:
                 chunk = os.read(fd, _READ_CHUNK)
@@ -313,6 +315,7 @@ class UnixSocketBackend(SerialBackend):
         self._thread.start()
 
     def _serve(self, waker: _Waker, deliver: InputSink) -> None:
+        name_host_thread()
         listener = self._listener
         while not self._stopping and waker.wait_readable(listener.fileno()):
             try:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError
 from vmscope.gdbstub import protocol as p
 from vmscope.gdbstub import registers as r
+from vmscope.host_thread import name_host_thread
 from vmscope.kvm import constants as c
 from vmscope.memory.paging import CR4_LA57, PagingMode, read_virtual, translate
 
@@ -481,6 +482,7 @@ class GdbStub:
     # -- server thread -----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        name_host_thread()
         listener = self._listener
         assert listener is not None
         try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
@@ -208,6 +209,7 @@ class ProfileRecorder:
             state.kick_samples += 1
 
     def _sampler_loop(self) -> None:
+        name_host_thread()
         period = 1.0 / self.frequency_hz
         next_tick = time.monotonic() + period
         while not self._stop.wait(max(0.0, next_tick - time.monotonic())):

@@ -44,8 +44,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmscope.host_thread import name_host_thread, set_timer_slack
 from vmscope.virtio.device import VirtioDevice
-from vmscope.vmm.host_thread import name_host_thread, set_timer_slack
 
 log = logging.getLogger("vmscope.virtio.iothread")
 

@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vmscope.host_thread import name_host_thread
 from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.vmm.exit_stats import VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
-from vmscope.vmm.host_thread import name_host_thread
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine

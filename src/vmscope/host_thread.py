@@ -13,7 +13,7 @@ import ctypes
 import logging
 import threading
 
-log = logging.getLogger("vmscope.vmm.host_thread")
+log = logging.getLogger("vmscope.host_thread")
 
 _PR_SET_NAME = 15
 _PR_SET_TIMERSLACK = 29
