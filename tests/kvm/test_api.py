@@ -112,6 +112,28 @@ def test_strict_devices_stop_the_vm_on_a_device_error(tmp_path: Path) -> None:
             assert "device failing failed: broken register" in result.reason
 
 
+def test_a_vmm_bug_as_a_vcpu_thread_starts_stops_the_vm_with_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails on a vCPU thread ends the run with status 1 and a reason, never a hang."""
+    import vmscope.vmm.runner as runner_module
+
+    def broken(name: str | None = None) -> bool:
+        raise RuntimeError("thread set-up failed")
+
+    monkeypatch.setattr(runner_module, "name_host_thread", broken)
+    image = tmp_path / "exit.bin"
+    image.write_bytes(debug_exit_real(1))
+    with vmscope.Machine(mem="16M") as vm:
+        vmscope.install_platform_devices(vm, serial="none")
+        vm.load(image, kind="flat", flat_address=0x7C00, flat_mode=CpuMode.REAL)
+        started = time.monotonic()
+        result = vm.run(timeout=30)
+    assert time.monotonic() - started < 10
+    assert result.exit_status == 1
+    assert "internal error on vCPU 0: thread set-up failed" in result.reason
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
