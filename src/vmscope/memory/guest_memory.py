@@ -72,9 +72,9 @@ def parse_size(text: str) -> int:
 def _advise_huge_pages(mapping: mmap.mmap) -> None:
     """Ask for transparent huge pages behind guest RAM, as QEMU does (``MADV_HUGEPAGE``).
 
-    KVM then maps the guest with 2 MiB pages where the host backs it with them, and the
-    device models' copies into guest buffers (virtio-blk reads) miss the TLB once per 2 MiB
-    instead of once per page. Best effort: where THP is off or unsupported nothing changes.
+    KVM can then map the guest with 2 MiB pages where the host backs it with them (fewer
+    guest TLB misses and page-table levels on VT-x/AMD-V hosts). Best effort: where THP is
+    off or unsupported nothing changes.
     """
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or len(mapping) < HUGE_PAGE_SIZE:

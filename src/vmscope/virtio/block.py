@@ -647,15 +647,8 @@ class VirtioBlock(VirtioDevice):
             if done <= 0:
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
             pieces, offset = [(address + done, size - done)], offset + done
-        ram_start, ram_end, ram = self._ram_window()
-        memory = self.memory
         for start in range(0, len(pieces), _IOV_MAX):
-            views = [
-                ram[address - ram_start : address - ram_start + size]
-                if ram_start <= address and address + size <= ram_end
-                else memory.view(address, size)
-                for address, size in pieces[start : start + _IOV_MAX]
-            ]
+            views = [self._guest_view(address, size) for address, size in pieces[start : start + _IOV_MAX]]
             try:
                 remaining = sum(len(view) for view in views)
                 while remaining:
