@@ -136,7 +136,7 @@ def test_pause_stops_exits_and_resume_restarts_them(vm: LiveVm) -> None:
         assert spin_count(client.call("query-stats", kvm=False)) == held
         # while paused the live counter agrees exactly with what the control socket reports
         key_counts = {row["key"]: row["count"] for row in client.call("query-stats")["vcpus"][0]["exit_keys"]}
-        from vmscope.vmm.runner import decode_exit_key
+        from vmscope.vmm.exit_keys import decode_exit_key
 
         machine_counts = {
             decode_exit_key(key): histogram.count

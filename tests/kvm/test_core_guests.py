@@ -118,7 +118,7 @@ def test_exit_accounting_counts_each_port_exactly(tmp_path: Path) -> None:
         machine.run(timeout=30)
         stats = machine.runners[0].stats
         counts = {key: histogram.count for key, histogram in stats.handling.items()}
-    from vmscope.vmm.runner import decode_exit_key
+    from vmscope.vmm.exit_keys import decode_exit_key
 
     decoded = {decode_exit_key(key): n for key, n in counts.items()}
     assert decoded[("IO", 0x510, "out")] == 500

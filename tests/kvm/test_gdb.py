@@ -16,6 +16,7 @@ from elftools.elf.elffile import ELFFile
 from vmscope.errors import ConfigError
 from vmscope.gdbstub import GdbStub, attach_gdb_stub
 from vmscope.gdbstub.registers import REGISTER_NUMBERS, REGISTERS
+from vmscope.kvm.constants import ExitReason
 from vmscope.vmm.machine import Machine
 from vmscope.vmm.platform import install_platform_devices
 
@@ -405,7 +406,7 @@ def test_closing_the_stub_releases_a_vm_held_for_a_client(guests: dict[str, Path
         assert machine.runners[0].paused.wait(5) and machine.running
         stub.close()
         result = machine.wait(timeout=10)
-        assert machine.debug_exit_handler is None
+        assert machine.rare_exit_handlers.handlers_for(ExitReason.DEBUG) == ()
     assert result is not None and result.exit_status == 59
 
 

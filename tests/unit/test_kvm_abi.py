@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmscope.kvm import constants as c
+from vmscope.kvm import exits
 from vmscope.kvm import structs as s
 
 STRUCTS = {
@@ -32,9 +33,18 @@ STRUCTS = {
     "kvm_stats_desc": s.kvm_stats_desc,
 }
 OFFSETS = {
-    ("kvm_run", "exit_reason"): s.kvm_run.exit_reason.offset,
-    ("kvm_run", "io"): s.kvm_run.exit.offset,
+    ("kvm_run", "exit_reason"): exits.EXIT_REASON_OFFSET,
+    ("kvm_run", "io"): exits.EXIT_UNION_OFFSET,
     ("kvm_run", "kvm_valid_regs"): s.kvm_run.kvm_valid_regs.offset,
+    ("kvm_run", "io.port"): s.kvm_run.exit.offset + s._exit_io.port.offset,
+    ("kvm_run", "io.count"): s.kvm_run.exit.offset + s._exit_io.count.offset,
+    ("kvm_run", "io.data_offset"): s.kvm_run.exit.offset + s._exit_io.data_offset.offset,
+    ("kvm_run", "mmio.data"): exits.MMIO_DATA_OFFSET,
+    ("kvm_run", "mmio.len"): s.kvm_run.exit.offset + s._exit_mmio.len.offset,
+    ("kvm_run", "mmio.is_write"): s.kvm_run.exit.offset + s._exit_mmio.is_write.offset,
+    ("kvm_run", "internal.data"): s.kvm_run.exit.offset + s._exit_internal.data.offset,
+    ("kvm_run", "emulation_failure.flags"): s.kvm_run.exit.offset + s._exit_internal.data.offset,
+    ("kvm_run", "emulation_failure.insn_size"): s.kvm_run.exit.offset + s._exit_internal.data.offset + 8,
     ("kvm_run", "kvm_dirty_regs"): s.kvm_run.kvm_dirty_regs.offset,
     ("kvm_run", "s"): s.kvm_run.s.offset,
     ("kvm_sregs", "efer"): s.kvm_sregs.efer.offset,

@@ -490,8 +490,7 @@ class ControlProtocol:
         return {"stopping": True}
 
     def _exit_row(self, key: int, histogram: LatencyHistogram) -> dict[str, Any]:
-        from vmscope.profiler.recorder import exit_detail
-        from vmscope.vmm.runner import decode_exit_key
+        from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 
         reason, address, access = decode_exit_key(key)
         device = None

@@ -63,6 +63,7 @@ from vmscope.gdbstub import protocol as p
 from vmscope.gdbstub import registers as r
 from vmscope.host_thread import name_host_thread
 from vmscope.kvm import constants as c
+from vmscope.kvm.exits import RareExit
 from vmscope.memory.paging import CR4_LA57, PagingMode, read_virtual, translate
 
 if TYPE_CHECKING:
@@ -270,7 +271,6 @@ class GdbStub:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._closing = False
-        self._previous_handler = machine.debug_exit_handler
 
         # shared with the vCPU threads (debug exits): guarded by _lock
         self._lock = threading.Lock()
@@ -325,7 +325,7 @@ class GdbStub:
         self._listener = listener
         bound = listener.getsockname()
         self.address = (str(bound[0]), int(bound[1]))
-        self.machine.debug_exit_handler = self._on_debug_exit
+        self.machine.rare_exit_handlers.add(c.ExitReason.DEBUG, self._on_debug_exit)
         self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
         self._thread.start()
         log.info("gdb stub listening on %s:%d", *self.address)
@@ -342,8 +342,7 @@ class GdbStub:
             self._release_vm()
         if self._listener is not None:
             self._listener.close()
-        if self.machine.debug_exit_handler == self._on_debug_exit:
-            self.machine.debug_exit_handler = self._previous_handler
+        self.machine.rare_exit_handlers.remove(c.ExitReason.DEBUG, self._on_debug_exit)
         for fd in (self._wake_read, self._wake_write):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -356,7 +355,7 @@ class GdbStub:
 
     # -- vCPU side ---------------------------------------------------------------------------
 
-    def _on_debug_exit(self, runner: VcpuRunner) -> bool:
+    def _on_debug_exit(self, runner: VcpuRunner, rare_exit: RareExit) -> bool:
         """KVM_EXIT_DEBUG, on the vCPU's own thread: record the stop and park every vCPU."""
         vcpu = runner.vcpu
         debug = vcpu.run_struct.exit.debug

@@ -30,8 +30,9 @@ from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwind import StackUnwinder
+from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 from vmscope.vmm.hooks import ExitEvent, ExitHook
-from vmscope.vmm.runner import VcpuRunner, decode_exit_key
+from vmscope.vmm.runner import VcpuRunner
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
@@ -39,15 +40,6 @@ if TYPE_CHECKING:
 DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
 DEFAULT_MAX_SPANS = 50_000
-
-
-def exit_detail(reason: str, address: int, access: str) -> str:
-    """The ExitStat detail string for an exit: "port 0x3f8 out", "0xd0000000 read" or ""."""
-    if reason == "IO":
-        return f"port {address:#x} {access}"
-    if reason == "MMIO":
-        return f"{address:#x} {access}"
-    return ""
 
 
 @dataclass

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmscope.kvm import constants as c
+from vmscope.vmm.exit_keys import key_address, key_reason
 
 if TYPE_CHECKING:
     from vmscope.vmm.runner import VcpuRunner
 
-_ADDRESS_MASK = (1 << 52) - 1
-ACCESS_NAMES = ("", "in", "out", "read", "write")
 
 
 @dataclass(slots=True)
@@ -65,14 +64,13 @@ class ExitHook:
         self.errors = 0
 
     def matches(self, key: int) -> bool:
-        if self.reasons is not None and (key >> 56) not in self.reasons:
+        if self.reasons is not None and key_reason(key) not in self.reasons:
             return False
         if self.address_ranges is None:
             return True
-        reason = key >> 56
-        if reason not in (c.ExitReason.IO, c.ExitReason.MMIO):
+        address = key_address(key)
+        if address is None:
             return False
-        address = key & _ADDRESS_MASK
         return any(start <= address < end for start, end in self.address_ranges)
 
 

@@ -41,6 +41,7 @@ from vmscope.virtio.pci_attach import pci_dsdt_aml
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
+from vmscope.vmm.rare_exits import RareExitHandlers
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
 
 log = logging.getLogger("vmscope.machine")
@@ -155,8 +156,9 @@ class Machine:
         self.virtio_attachments: list[Any] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
         self.symbolize: Callable[[int], str | None] | None = None
-        #: handles KVM_EXIT_DEBUG (the GDB stub installs one); returns False to stop the vCPU
-        self.debug_exit_handler: Callable[[VcpuRunner], bool] | None = None
+        #: code that takes some rare exits before the default decision (the GDB stub takes
+        #: KVM_EXIT_DEBUG, the fallback emulator takes emulation failures)
+        self.rare_exit_handlers = RareExitHandlers()
 
         self._stop: _StopState | None = None
         self._stop_lock = threading.Lock()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -21,9 +20,29 @@ from vmscope.host_thread import name_host_thread
 from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
+from vmscope.kvm.exits import (
+    EXIT_REASON_OFFSET,
+    EXIT_UNION_OFFSET,
+    IO_EXIT,
+    MMIO_DATA_OFFSET,
+    MMIO_EXIT,
+    RareExit,
+    decode_rare_exit,
+)
 from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.vmm.exit_keys import (
+    ADDRESS_MASK,
+    IO_IN_KEY,
+    IO_OUT_KEY,
+    MMIO_READ_KEY,
+    MMIO_WRITE_KEY,
+    DecodedExitKey,
+    decode_exit_key,
+    rare_exit_key,
+)
 from vmscope.vmm.exit_stats import VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
+from vmscope.vmm.rare_exits import ExitAction, RareExitDecision, decide_rare_exit
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
@@ -33,42 +52,8 @@ log = logging.getLogger("vmscope.vcpu")
 #: real-time signal used to kick a vCPU thread out of KVM_RUN (stop, pause, sampling)
 KICK_SIGNAL = signal.SIGRTMIN + 1
 
-_IO_EXIT = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
-_MMIO_EXIT = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data[8], len, is_write
-_EXIT_UNION_OFFSET = 32
-
-# Exit keys are ints so the hot path hashes cheaply: reason << 56 | access << 52 | address.
-ACCESS_NONE, ACCESS_IN, ACCESS_OUT, ACCESS_READ, ACCESS_WRITE = 0, 1, 2, 3, 4
-ACCESS_NAMES = {
-    ACCESS_NONE: "",
-    ACCESS_IN: "in",
-    ACCESS_OUT: "out",
-    ACCESS_READ: "read",
-    ACCESS_WRITE: "write",
-}
-_IO_OUT_KEY = (c.ExitReason.IO << 56) | (ACCESS_OUT << 52)
-_IO_IN_KEY = (c.ExitReason.IO << 56) | (ACCESS_IN << 52)
-_MMIO_WRITE_KEY = (c.ExitReason.MMIO << 56) | (ACCESS_WRITE << 52)
-_MMIO_READ_KEY = (c.ExitReason.MMIO << 56) | (ACCESS_READ << 52)
-_ADDRESS_MASK = (1 << 52) - 1
-
-
-def decode_exit_key(key: int) -> tuple[str, int, str]:
-    """(reason name, port or address or -1, access) for an int exit key."""
-    reason = key >> 56
-    try:
-        name = c.ExitReason(reason).name
-    except ValueError:
-        name = f"EXIT_{reason}"
-    access = (key >> 52) & 0xF
-    address = key & _ADDRESS_MASK
-    if reason not in (c.ExitReason.IO, c.ExitReason.MMIO):
-        return name, -1, ACCESS_NAMES.get(access, "")
-    return name, address, ACCESS_NAMES.get(access, "")
-
-
-def rare_exit_key(reason: int) -> int:
-    return reason << 56
+# Re-exported for code that imported them from here before vmm.exit_keys existed.
+__all__ = ["KICK_SIGNAL", "VcpuRunner", "decode_exit_key", "install_kick_handler", "rare_exit_key"]
 
 
 def install_kick_handler() -> None:
@@ -96,7 +81,7 @@ class VcpuRunner:
         #: exit key -> the hooks matching it (filled lazily, cleared when hooks change)
         self.hook_cache: dict[int, tuple[ExitHook, ...]] = {}
         self._hook_failures_logged: set[int] = set()
-        self._decoded_keys: dict[int, tuple[str, int, str]] = {}
+        self._decoded_keys: dict[int, DecodedExitKey] = {}
         #: whether the kvm_run sync area holds this exit's registers (see registers())
         self.registers_fresh = False
         #: set by the machine; read by the loop only after a kick (EINTR)
@@ -243,8 +228,8 @@ class VcpuRunner:
         vcpu = self.vcpu
         kvm_run = vcpu.kvm_run
         run_page = vcpu.run_buffer
-        unpack_io = _IO_EXIT.unpack_from
-        unpack_mmio = _MMIO_EXIT.unpack_from
+        unpack_io = IO_EXIT.unpack_from
+        unpack_mmio = MMIO_EXIT.unpack_from
         pio_read = self.machine.pio_bus.read
         pio_write = self.machine.pio_bus.write
         mmio_read = self.machine.mmio_bus.read
@@ -256,7 +241,9 @@ class VcpuRunner:
         hook_cache = self.hook_cache
         match_hooks = self.machine.hooks.match
         io_exit, mmio_exit = int(c.ExitReason.IO), int(c.ExitReason.MMIO)
-        union = _EXIT_UNION_OFFSET
+        union = EXIT_UNION_OFFSET
+        reason_at = EXIT_REASON_OFFSET
+        mmio_data = MMIO_DATA_OFFSET
         if self.stop_requested:
             return
         now = clock()
@@ -277,11 +264,11 @@ class VcpuRunner:
             now = clock()
             record_guest(now - entered)
 
-            reason = run_page[8]
+            reason = run_page[reason_at]
             if reason == io_exit:
                 direction, size, port, count, offset = unpack_io(run_page, union)
                 if direction:
-                    key = _IO_OUT_KEY | port
+                    key = IO_OUT_KEY | port
                     if count == 1:
                         pio_write(port, run_page[offset : offset + size])
                     else:
@@ -289,7 +276,7 @@ class VcpuRunner:
                             start = offset + item * size
                             pio_write(port, run_page[start : start + size])
                 else:
-                    key = _IO_IN_KEY | port
+                    key = IO_IN_KEY | port
                     for item in range(count):
                         start = offset + item * size
                         run_page[start : start + size] = pio_read(port, size)
@@ -297,13 +284,13 @@ class VcpuRunner:
                 address, data, length, is_write = unpack_mmio(run_page, union)
                 length = min(length, 8)
                 if is_write:
-                    key = _MMIO_WRITE_KEY | (address & _ADDRESS_MASK)
+                    key = MMIO_WRITE_KEY | (address & ADDRESS_MASK)
                     mmio_write(address, data[:length])
                 else:
-                    key = _MMIO_READ_KEY | (address & _ADDRESS_MASK)
-                    run_page[union + 8 : union + 8 + length] = mmio_read(address, length)
+                    key = MMIO_READ_KEY | (address & ADDRESS_MASK)
+                    run_page[mmio_data : mmio_data + length] = mmio_read(address, length)
             else:
-                key = rare_exit_key(int.from_bytes(run_page[8:12], "little"))
+                key = rare_exit_key(int.from_bytes(run_page[reason_at : reason_at + 4], "little"))
                 if not self._handle_rare_exit():
                     return
 
@@ -324,49 +311,23 @@ class VcpuRunner:
 
     def _handle_rare_exit(self) -> bool:
         """Everything but port I/O and MMIO. Returns False when the vCPU must stop."""
-        run = self.vcpu.run_struct
-        reason = run.exit_reason
+        rare_exit = decode_rare_exit(self.vcpu.run_struct)
         machine = self.machine
-        if reason == c.ExitReason.HLT:
-            # Only reached without an in-kernel LAPIC: nothing can wake this vCPU again.
-            machine.request_stop(f"vCPU {self.vcpu.id} halted with no interrupt controller to wake it", 0)
-            return False
-        if reason == c.ExitReason.INTR:
+        handled = machine.rare_exit_handlers.dispatch(self, rare_exit)
+        if handled is not None:
+            return handled
+        return self._apply(decide_rare_exit(rare_exit, self.vcpu.id), rare_exit)
+
+    def _apply(self, decision: RareExitDecision, rare_exit: RareExit) -> bool:
+        action = decision.action
+        if action is ExitAction.CONTINUE:
+            if decision.message:
+                log.warning("%s", decision.message)
+            return True
+        if action is ExitAction.KICK:
             return self._handle_kick()
-        if reason == c.ExitReason.SYSTEM_EVENT:
-            event = c.SYSTEM_EVENT_TYPES.get(run.exit.system_event.type, str(run.exit.system_event.type))
-            if event in ("shutdown", "reset"):
-                machine.request_stop(f"guest requested {event}", 0)
-            else:
-                machine.report_crash(self, f"guest system event: {event}")
+        if action is ExitAction.STOP:
+            self.machine.request_stop(decision.message, decision.exit_status)
             return False
-        if reason == c.ExitReason.DEBUG:
-            handler = machine.debug_exit_handler
-            if handler is not None:
-                return handler(self)
-            log.warning("vCPU %d: unexpected debug exit at %#x", self.vcpu.id, run.exit.debug.pc)
-            return True
-        if reason == c.ExitReason.IRQ_WINDOW_OPEN or reason == c.ExitReason.IOAPIC_EOI:
-            return True
-        if reason == c.ExitReason.SHUTDOWN:
-            machine.report_crash(
-                self, "triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not handle"
-            )
-            return False
-        if reason == c.ExitReason.FAIL_ENTRY:
-            hw = run.exit.fail_entry.hardware_entry_failure_reason
-            machine.report_crash(self, f"VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {hw:#x})")
-            return False
-        if reason == c.ExitReason.INTERNAL_ERROR:
-            internal = run.exit.internal
-            name = c.INTERNAL_ERROR_SUBERRORS.get(internal.suberror, "unknown")
-            machine.report_crash(
-                self, f"KVM internal error, suberror {internal.suberror} ({name})", internal_error=True
-            )
-            return False
-        try:
-            name = c.ExitReason(reason).name
-        except ValueError:
-            name = str(reason)
-        machine.report_crash(self, f"unhandled exit reason {name}")
+        self.machine.report_crash(self, decision.message, internal_error=decision.internal_error)
         return False
