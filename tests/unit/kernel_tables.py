@@ -123,3 +123,17 @@ def sample_symbols(count: int = 700) -> list[tuple[str, str, int]]:
     symbols.append(("a" * 150 + "_very_long", "T", address + 0x400))
     symbols.append(("init_task", "D", address + 0x10000))
     return symbols
+
+
+def orc_entry(
+    sp_reg: int, sp_offset: int, kind: int, bp_reg: int = 0, bp_offset: int = 0, end: bool = False
+) -> bytes:
+    """One format-1 (4.14 to 6.2) ORC entry: type 0 CALL, 1 REGS, 2 REGS_PARTIAL; ``end`` bit 10."""
+    bits = sp_reg | bp_reg << 4 | kind << 8 | (0x400 if end else 0)
+    return struct.pack("<hhH", sp_offset, bp_offset, bits)
+
+
+def build_orc(section_address: int, entries: Sequence[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    """``.orc_unwind_ip`` (self-relative s32) and ``.orc_unwind`` for (ip, entry) pairs sorted by ip."""
+    ips = b"".join(struct.pack("<i", ip - (section_address + 4 * i)) for i, (ip, _) in enumerate(entries))
+    return ips, b"".join(entry for _, entry in entries)

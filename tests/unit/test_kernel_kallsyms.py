@@ -1,4 +1,4 @@
-"""kallsyms recovered from kernel images: synthetic tables in every layout, malformed ones, the real kernel."""
+"""kallsyms recovered from kernel images: synthetic tables in each layout, malformed ones, the real kernel."""
 
 from __future__ import annotations
 

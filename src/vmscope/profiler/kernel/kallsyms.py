@@ -16,6 +16,7 @@ only if every name decodes and the addresses come out sorted.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,8 +63,8 @@ class Kallsyms:
         if not self._by_name:
             for index in range(len(self.names) - 1, -1, -1):
                 self._by_name[self.names[index]] = index
-        index = self._by_name.get(name)
-        return None if index is None else self.addresses[index]
+        found = self._by_name.get(name)
+        return None if found is None else self.addresses[found]
 
     def text_symbols(self) -> Iterator[tuple[str, int]]:
         """(name, address) of code symbols."""
@@ -222,9 +223,9 @@ def _names_start(
     floor = max(8, candidate - 256 * 260)
     while candidate >= floor:
         count, high = struct.unpack_from("<II", data, candidate - 8)
-        if high == 0 and (count + 255) // 256 == blocks and (count_hint is None or count == count_hint):
-            if _skip_names(data, candidate + last, count - 256 * (blocks - 1), markers):
-                return candidate, count
+        matches = high == 0 and (count + 255) // 256 == blocks and count_hint in (None, count)
+        if matches and _skip_names(data, candidate + last, count - 256 * (blocks - 1), markers):
+            return candidate, count
         candidate -= 8
     raise _fail("no num_syms before the names table")
 
@@ -322,7 +323,7 @@ def _with_addresses(
 
 def _plausible(addresses: list[int], types: list[str]) -> bool:
     """Sorted, and code symbols in the kernel's higher half."""
-    if any(b < a for a, b in zip(addresses, addresses[1:], strict=False)):
+    if any(b < a for a, b in itertools.pairwise(addresses)):
         return False
     text = [a for a, t in zip(addresses, types, strict=True) if t in TEXT_TYPES]
     return bool(text) and all(a >= 0xFFFF_8000_0000_0000 for a in text)
