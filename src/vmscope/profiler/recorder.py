@@ -31,6 +31,7 @@ from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwinders.base import Registers
+from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.runner import VcpuRunner, decode_exit_key
@@ -96,8 +97,9 @@ class ProfileRecorder:
         self.max_spans_per_vcpu = max_spans_per_vcpu
         self.symbol_files = list(symbol_files)
         self.profile = Profile()
+        regions = _cfi_regions(machine, self.symbol_files, max_depth) if kernel_image is None else []
         self._states = {
-            runner.vcpu.id: _VcpuState(UnwinderChooser(machine.memory, max_depth))
+            runner.vcpu.id: _VcpuState(UnwinderChooser(machine.memory, max_depth, regions))
             for runner in machine.runners
         }
         # a stock kernel's own kallsyms and ORC tables, placed by the KASLR slide found at run time
@@ -347,6 +349,23 @@ class ProfileRecorder:
                     Span(f"io:{trace.device}", f"request:{trace.type_name}", trace.notify_ns - self._t0,
                          end - self._t0, parts)
                 )  # fmt: skip
+
+
+def _cfi_regions(machine: Machine, symbol_files: Sequence[Path], max_depth: int) -> list[CfiUnwinder]:
+    """DWARF CFI unwinders for the guest image and ELF symbol files that carry call frame info."""
+    paths = list(symbol_files)
+    if machine.guest is not None and machine.guest.symbol_file is not None:
+        paths.insert(0, machine.guest.symbol_file)
+    regions = []
+    for path in dict.fromkeys(paths):
+        try:
+            with open(path, "rb") as stream:
+                if stream.read(4) != b"\x7fELF":
+                    continue
+            regions.append(CfiUnwinder(CfiTable.from_elf(path), max_depth))
+        except (OSError, VmscopeError):
+            continue  # no CFI: frame pointers cover this image
+    return regions
 
 
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
