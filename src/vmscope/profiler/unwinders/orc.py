@@ -42,6 +42,7 @@ _PT_REGS_IP = _PT_REGS["ip"]
 _ORC_SP_REGS = {REG_DX: "dx", REG_DI: "di", REG_R10: "r10", REG_R13: "r13"}
 _MAX_FRAME = 1 << 20  # no kernel frame or stack switch moves the stack pointer further than this
 _TABLE = "ORC"
+_DECODED_LIMIT = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class OrcTable:
         self._raw = raw
         self.format_version = format_version
         self.slide = slide
+        self._decoded: dict[int, OrcEntry] = {}  # hot code repeats across samples
         mask = 0xFFFF_FFFF_FFFF_FFFF
         self.start = (ips[0] + slide) & mask if ips else 0
         self.end = (ips[-1] + slide) & mask if ips else 0
@@ -102,6 +104,14 @@ class OrcTable:
         return self.entry(index)
 
     def entry(self, index: int) -> OrcEntry:
+        found = self._decoded.get(index)
+        if found is None:
+            if len(self._decoded) >= _DECODED_LIMIT:
+                self._decoded.clear()
+            found = self._decoded[index] = self._decode(index)
+        return found
+
+    def _decode(self, index: int) -> OrcEntry:
         sp_offset, bp_offset, bits = struct.unpack_from("<hhH", self._raw, 6 * index)
         sp_reg, bp_reg = bits & 0xF, (bits >> 4) & 0xF
         if self.format_version == 3:
