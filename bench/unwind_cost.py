@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.kernel_fixture import cached_kernel, kernel_cache_dir, pvh_vmlinux  # noqa: E402
-from vmscope.profiler.kernel.context import KernelProfileInfo  # noqa: E402
-from vmscope.profiler.unwinders.base import Registers  # noqa: E402
-from vmscope.profiler.unwinders.orc import REG_SP, TYPE_CALL, OrcUnwinder  # noqa: E402
+from tests.kernel_fixture import cached_kernel, kernel_cache_dir, pvh_vmlinux
+
+from vmscope.profiler.kernel.context import KernelProfileInfo
+from vmscope.profiler.unwinders.base import Registers
+from vmscope.profiler.unwinders.orc import REG_SP, TYPE_CALL, OrcUnwinder
 
 FRAMES = 20
 
@@ -35,7 +36,7 @@ def main() -> int:
     table = info.orc
     # pick CALL entries with an sp-based CFA, spread over the text
     picks: list[tuple[int, int]] = []
-    for name, address in info.kallsyms.text_symbols():
+    for _, address in info.kallsyms.text_symbols():
         entry = table.lookup(address + 8)
         usable = entry and entry.type == TYPE_CALL and entry.sp_reg == REG_SP and entry.bp_reg == 0
         if entry and usable and entry.sp_offset >= 8:
