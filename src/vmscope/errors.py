@@ -62,3 +62,12 @@ class BusConflictError(ConfigError):
 
 class GuestBuildError(VmscopeError):
     """The bundled guest could not be built with the system toolchain."""
+
+
+class KernelTableError(VmscopeError):
+    """A kernel table read from an image or guest memory (kallsyms, ORC, BTF, CFI) is missing or malformed."""
+
+    def __init__(self, table: str, problem: str) -> None:
+        super().__init__(f"{table}: {problem}")
+        self.table = table
+        self.problem = problem

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.errors import ConfigError
 from vmscope.profiler import profile_file
 from vmscope.profiler.recorder import DEFAULT_FREQUENCY_HZ, ProfileRecorder
+
+if TYPE_CHECKING:
+    from vmscope.vmm.machine import Machine
 
 EPILOG = f"""\
 Samples come from exits the guest makes anyway and, for vCPUs that do not exit during a
@@ -53,6 +57,7 @@ def handle(args: argparse.Namespace) -> int:
             frequency_hz=args.frequency,
             max_depth=args.max_depth,
             symbol_files=args.symbols,
+            kernel_image=_stock_kernel(args.kernel, machine),
         )
         recorder.profile.metadata.command_line = ["vmscope", *sys.argv[1:]]
         recorder.profile.metadata.kernel_command_line = args.cmdline
@@ -71,6 +76,24 @@ def handle(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return result.exit_status
+
+
+def _stock_kernel(kernel: Path | None, machine: Machine) -> Path | None:
+    """A Linux image whose own kallsyms/ORC tables the recorder should read: any bzImage, and a
+    PVH vmlinux without an ELF symbol table (distribution kernels ship them stripped)."""
+    if kernel is None or machine.guest is None:
+        return None
+    if machine.guest.kind.startswith("bzImage"):
+        return kernel
+    if machine.guest.kind == "PVH ELF":
+        from vmscope.errors import VmscopeError
+        from vmscope.profiler.symbols import load_elf_symbols
+
+        try:
+            load_elf_symbols(kernel)
+        except VmscopeError:
+            return kernel
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

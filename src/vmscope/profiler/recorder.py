@@ -25,16 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmscope.errors import VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
-from vmscope.profiler.unwind import StackUnwinder
+from vmscope.profiler.unwinders.base import Registers
+from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
+from vmscope.profiler.unwinders.chooser import UnwinderChooser
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.runner import VcpuRunner
 
 if TYPE_CHECKING:
+    from vmscope.profiler.kernel.context import KernelProfileInfo
     from vmscope.vmm.machine import Machine
 
 DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers
@@ -44,7 +48,7 @@ DEFAULT_MAX_SPANS = 50_000
 
 @dataclass
 class _VcpuState:
-    unwinder: StackUnwinder
+    unwinder: UnwinderChooser
     sample_due: bool = False
     last_exit_count: int = 0
     last_end_ns: int = 0
@@ -54,6 +58,8 @@ class _VcpuState:
     spans: int = 0
     kicks_sent: int = 0
     kick_samples: int = 0
+    #: "unwinder" and "unwinder: stop reason" -> stacks, for the report's stack-quality lines
+    unwind_counts: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -70,6 +76,7 @@ class ProfileRecorder:
         exit_sample_budget: int = DEFAULT_EXIT_SAMPLE_BUDGET,
         max_spans_per_vcpu: int = DEFAULT_MAX_SPANS,
         symbol_files: Sequence[Path] = (),
+        kernel_image: Path | None = None,
     ) -> None:
         if frequency_hz < 0 or frequency_hz > 20_000:
             from vmscope.errors import ConfigError
@@ -82,9 +89,22 @@ class ProfileRecorder:
         self.max_spans_per_vcpu = max_spans_per_vcpu
         self.symbol_files = list(symbol_files)
         self.profile = Profile()
+        regions = _cfi_regions(machine, self.symbol_files, max_depth) if kernel_image is None else []
         self._states = {
-            runner.vcpu.id: _VcpuState(StackUnwinder(machine.memory, max_depth)) for runner in machine.runners
+            runner.vcpu.id: _VcpuState(UnwinderChooser(machine.memory, max_depth, regions))
+            for runner in machine.runners
         }
+        # a stock kernel's own kallsyms and ORC tables, placed by the KASLR slide found at run time
+        self.kernel: KernelProfileInfo | None = None
+        self.kernel_problem = ""
+        self._slide_tries = 0
+        if kernel_image is not None:
+            from vmscope.profiler.kernel.context import KernelProfileInfo
+
+            try:
+                self.kernel = KernelProfileInfo.load(kernel_image)
+            except VmscopeError as error:  # not a Linux image with kallsyms: profile without them
+                self.kernel_problem = str(error)
         self._hook: ExitHook | None = None
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
@@ -142,8 +162,33 @@ class ProfileRecorder:
         wide = bool(sregs.cs.l)
         ip = regs.rip if wide else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
         state = self._states[vcpu.id]
-        stack = state.unwinder.unwind(ip, regs.rbp, regs.rsp, mode, wide)
-        return Sample(vcpu.id, time_ns, ip, cpl, sregs.cr3, stack, origin, reason, detail)
+        if self.kernel is not None and self.kernel.slide is None and cpl == 0 and wide:
+            self._find_slide(runner, mode, sregs.idt.base)
+        result = state.unwinder.unwind(Registers(ip, regs.rsp, regs.rbp, cpl), mode, wide)
+        counts = state.unwind_counts
+        counts[result.unwinder] = counts.get(result.unwinder, 0) + 1
+        stop_key = f"{result.unwinder}: {result.stop}"
+        counts[stop_key] = counts.get(stop_key, 0) + 1
+        return Sample(vcpu.id, time_ns, ip, cpl, sregs.cr3, result.frames, origin, reason, detail)
+
+    def _find_slide(self, runner: VcpuRunner, mode: PagingMode, idt_base: int) -> None:
+        """Look for the KASLR slide on a few samples, then every 64th (it needs an MSR ioctl)."""
+        assert self.kernel is not None
+        self._slide_tries += 1
+        if self._slide_tries > 8 and self._slide_tries % 64:
+            return
+        from vmscope.profiler.kernel.kaslr import MSR_LSTAR
+
+        try:
+            lstar: int | None = runner.vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR)
+        except VmscopeError:
+            lstar = None
+        unwinder = self._states[runner.vcpu.id].unwinder.frame_pointers
+        slide = self.kernel.find_slide(lambda address: unwinder.read_word(mode, address, 8), lstar, idt_base)
+        if slide is not None:
+            table = self.kernel.orc_table()
+            for state in self._states.values():
+                state.unwinder.set_kernel_orc(table)
 
     def _on_exit(self, event: ExitEvent) -> None:
         runner = event.runner
@@ -235,11 +280,24 @@ class ProfileRecorder:
         meta.extra["exit_sample_stride_max"] = str(
             max((s.exit_sample_stride for s in self._states.values()), default=1)
         )
+        totals: dict[str, int] = {}
+        for state in self._states.values():
+            for key, count in state.unwind_counts.items():
+                totals[key] = totals.get(key, 0) + count
+        for key, count in sorted(totals.items()):
+            meta.extra[f"stacks.{key}"] = str(count)
+        if self.kernel_problem:
+            meta.extra["kernel_tables"] = self.kernel_problem
+        if self.kernel is not None:
+            slide = self.kernel.slide
+            meta.extra["kernel_slide"] = "not found" if slide is None else f"{slide:#x}"
         fill_exit_statistics(profile, machine)
         self._add_boot_markers()
         self._add_io_requests()
         symbol_paths = list(self.symbol_files)
-        if machine.guest is not None and machine.guest.symbol_file is not None:
+        if self.kernel is not None and not symbol_paths:
+            profile.symbol_tables.append(self.kernel.symbol_table())  # --symbols overrides kallsyms
+        elif machine.guest is not None and machine.guest.symbol_file is not None and self.kernel is None:
             symbol_paths.insert(0, machine.guest.symbol_file)
         seen: set[str] = set()
         for path in symbol_paths:
@@ -283,6 +341,23 @@ class ProfileRecorder:
                     Span(f"io:{trace.device}", f"request:{trace.type_name}", trace.notify_ns - self._t0,
                          end - self._t0, parts)
                 )  # fmt: skip
+
+
+def _cfi_regions(machine: Machine, symbol_files: Sequence[Path], max_depth: int) -> list[CfiUnwinder]:
+    """DWARF CFI unwinders for the guest image and ELF symbol files that carry call frame info."""
+    paths = list(symbol_files)
+    if machine.guest is not None and machine.guest.symbol_file is not None:
+        paths.insert(0, machine.guest.symbol_file)
+    regions = []
+    for path in dict.fromkeys(paths):
+        try:
+            with open(path, "rb") as stream:
+                if stream.read(4) != b"\x7fELF":
+                    continue
+            regions.append(CfiUnwinder(CfiTable.from_elf(path), max_depth))
+        except (OSError, VmscopeError):
+            continue  # no CFI: frame pointers cover this image
+    return regions
 
 
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:

@@ -21,6 +21,7 @@ from rich.text import Text
 from vmscope.errors import ConfigError
 from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, exit_label
+from vmscope.profiler.stack_quality import stack_quality_line
 from vmscope.profiler.symbols import Symbolizer, address_space
 
 EVENT_CLASSES = ("vmexit", "ioport", "mmio")
@@ -446,6 +447,9 @@ def describe_profile(profile: Profile) -> list[str]:
         started = f" on {moment:%Y-%m-%d %H:%M:%S} UTC"
     command = f": {' '.join(meta.command_line)}" if meta.command_line else ""
     lines.append(f"recorded by vmscope {meta.vmscope_version}{started}{command}")
+    quality = stack_quality_line(profile)
+    if quality:
+        lines.append(quality)
     return lines
 
 

@@ -32,7 +32,8 @@ class StackUnwinder:
         self._pages: dict[tuple[int, int], int] = {}
         self.failed_reads = 0
 
-    def _read_word(self, mode: PagingMode, address: int, size: int) -> int | None:
+    def read_word(self, mode: PagingMode, address: int, size: int) -> int | None:
+        """One little-endian word at a guest-virtual address; None when unmapped (counted)."""
         page = address & ~0xFFF
         key = (mode.cr3, page)
         physical_page = self._pages.get(key)
@@ -80,8 +81,8 @@ class StackUnwinder:
         for _ in range(self.max_depth - 1):
             if frame == 0 or frame % word or frame <= previous or (wide and not is_canonical(frame)):
                 break
-            caller_frame = self._read_word(mode, frame, word)
-            return_address = self._read_word(mode, frame + word, word)
+            caller_frame = self.read_word(mode, frame, word)
+            return_address = self.read_word(mode, frame + word, word)
             if caller_frame is None or return_address is None or return_address == 0:
                 break
             if wide and not is_canonical(return_address):

@@ -1,0 +1,89 @@
+"""Everything the profiler takes from a stock kernel image, and the run-time slide that places it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from vmscope.errors import KernelTableError
+from vmscope.profiler.kernel.image import KernelImage, load_kernel_image
+from vmscope.profiler.kernel.kallsyms import Kallsyms, parse_kallsyms
+from vmscope.profiler.kernel.kaslr import choose_slide, idt_handler, slide_candidates
+from vmscope.profiler.symbols import SymbolEntry, SymbolTable
+from vmscope.profiler.unwinders.orc import OrcTable
+
+#: functions whose code bytes confirm a slide (any one matching suffices; alternatives patch some)
+_VERIFY_SYMBOLS = ("entry_SYSCALL_64", "schedule", "do_idle", "start_kernel", "memcpy", "printk")
+_VERIFY_OFFSET, _VERIFY_LENGTH = 16, 16
+_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class KernelProfileInfo:
+    """kallsyms and ORC from the image; :meth:`find_slide` places them in a running guest."""
+
+    def __init__(self, image: KernelImage, kallsyms: Kallsyms, orc: OrcTable | None) -> None:
+        self.image = image
+        self.kallsyms = kallsyms
+        self.orc = orc
+        self.slide: int | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> KernelProfileInfo:
+        image = load_kernel_image(path)
+        kallsyms = parse_kallsyms(image.data)
+        orc: OrcTable | None = None
+        ips, unwind = image.section_bytes(".orc_unwind_ip"), image.section_bytes(".orc_unwind")
+        if ips is not None and unwind is not None:
+            try:
+                orc = OrcTable.from_sections(ips, image.sections[".orc_unwind_ip"].address, unwind)
+            except KernelTableError:
+                orc = None  # symbols without stacks are still worth having
+        return cls(image, kallsyms, orc)
+
+    def find_slide(self, read: Callable[[int], int | None], lstar: int | None, idt_base: int) -> int | None:
+        """Try LSTAR and the IDT (read with ``read``); keep and return the slide once confirmed."""
+        handlers = []
+        for vector in (0, 6, 14):
+            handler = idt_handler(read, idt_base, vector)
+            if handler is not None:
+                handlers.append((vector, handler))
+        candidates = slide_candidates(self.kallsyms, lstar, handlers)
+        slide = choose_slide(candidates, lambda slide: self._code_matches(read, slide))
+        if slide is not None:
+            self.slide = slide
+        return slide
+
+    def _code_matches(self, read: Callable[[int], int | None], slide: int) -> bool:
+        for name in _VERIFY_SYMBOLS:
+            address = self.kallsyms.address_of(name)
+            if address is None:
+                continue
+            expected = self.image.bytes_at(address + _VERIFY_OFFSET, _VERIFY_LENGTH)
+            if expected is None:
+                continue
+            words = [
+                read((address + _VERIFY_OFFSET + slide + i) & _MASK) for i in range(0, _VERIFY_LENGTH, 8)
+            ]
+            if any(word is None for word in words):
+                continue
+            if b"".join((word or 0).to_bytes(8, "little") for word in words) == expected:
+                return True
+        return False
+
+    def orc_table(self) -> OrcTable | None:
+        if self.orc is None or self.slide is None:
+            return None
+        return self.orc.relocated(self.slide)
+
+    def symbol_table(self) -> SymbolTable:
+        """Code symbols at run-time addresses (link-time if no slide was found)."""
+        slide = self.slide or 0
+        entries = [
+            SymbolEntry(name, (address + slide) & _MASK) for name, address in self.kallsyms.text_symbols()
+        ]
+        start = self.kallsyms.address_of("_stext") or self.kallsyms.address_of("_text") or 0
+        end = self.kallsyms.address_of("_einittext") or self.kallsyms.address_of("_etext") or 0
+        table = SymbolTable("kernel", entries, path=self.image.path, kind="kallsyms-image", load_bias=slide)
+        if start and end > start:
+            table.start, table.end = (start + slide) & _MASK, (end + slide) & _MASK
+        return table

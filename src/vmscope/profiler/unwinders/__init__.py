@@ -1,0 +1,1 @@
+"""Stack unwinders chosen per code region: ORC (kernels), DWARF CFI (ELF images), frame pointers."""
