@@ -54,6 +54,13 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     image.add_argument("--initrd", type=Path, metavar="FILE", help="initial ramdisk (Linux) / PVH module")
     image.add_argument("--cmdline", default="", metavar="TEXT", help="guest kernel command line")
+    image.add_argument(
+        "--decompress",
+        choices=["auto", "vmm", "guest"],
+        default="auto",
+        help="who decompresses a bzImage's kernel: vmm (vmscope, then startup_64; no KASLR), guest (the "
+        "kernel's decompressor), auto (vmm on kvm_pvm hosts, where the decompressor runs for minutes)",
+    )
     machine = parser.add_argument_group("machine")
     machine.add_argument(
         "--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)"
@@ -132,7 +139,7 @@ def build_machine(args: argparse.Namespace) -> Machine:
                 from vmscope.guest.build import demo_guest
 
                 image = demo_guest()
-            machine.load(image, kind="elf", cmdline=args.cmdline, modules=modules)
+            machine.load(image, kind="elf", cmdline=args.cmdline, modules=modules, decompress=args.decompress)
         if args.symbols:
             machine.symbolize = symbolizer_for(args.symbols, machine.guest)
     except BaseException:

@@ -48,6 +48,7 @@ def load_guest(
     flat_entry: int | None = None,
     rsdp_address: int = 0,
     extra_e820: Sequence[E820Entry] = (),
+    decompress_on_host: bool = False,
 ) -> LoadedGuest:
     """Load ``path`` into ``memory``: a Linux bzImage through the boot protocol, PVH when the ELF
     carries the PVH note, plain ELF otherwise.
@@ -55,6 +56,7 @@ def load_guest(
     ``kind="flat"`` (or ``"auto"`` on a non-ELF file with ``flat_address`` given) loads a flat
     binary at ``flat_address`` entered in ``flat_mode``. A command line and modules need a PVH
     kernel; passing them for another kind of image is a ConfigError rather than silently ignored.
+    ``decompress_on_host``: see :func:`load_bzimage` (bzImage only).
     """
     if kind not in GUEST_KINDS:
         raise ConfigError(f"unknown guest image kind {kind!r}: expected one of {', '.join(GUEST_KINDS)}")
@@ -69,7 +71,9 @@ def load_guest(
         if len(modules) > 1:
             raise ConfigError(f"{path}: a bzImage takes one initrd, not {len(modules)} modules")
         initrd = modules[0] if modules else None
-        return load_bzimage(memory, path, cmdline, initrd, rsdp_address, extra_e820)
+        return load_bzimage(
+            memory, path, cmdline, initrd, rsdp_address, extra_e820, decompress_on_host=decompress_on_host
+        )
     if not is_elf:
         with open(path, "rb") as stream:
             magic = stream.read(4)

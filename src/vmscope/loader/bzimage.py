@@ -23,6 +23,7 @@ low RAM runs up to 3 GiB, which is ample, and the boot page tables only map the 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from vmscope.arch.x86.layout import CMDLINE_ADDRESS, CMDLINE_MAX_SIZE, HIGH_MEMO
 from vmscope.arch.x86.modes import long_mode_state
 from vmscope.errors import ConfigError, ImageFormatError
 from vmscope.loader.base import LoadedGuest, LoadedSegment
+from vmscope.loader.elf import load_elf_segments, physical_entry, read_elf_image
+from vmscope.loader.kernel_payload import bzimage_vmlinux
 from vmscope.memory.guest_memory import GuestMemory
 
 #: protocol 2.06 added cmdline_size; anything older cannot describe a 64-bit entry at all
@@ -269,6 +272,33 @@ def _load_file(memory: GuestMemory, path: Path, file_offset: int, address: int, 
         target.release()
 
 
+def _load_vmlinux(memory: GuestMemory, path: Path, kernel_range: tuple[int, int]) -> int:
+    """Copy the bzImage's decompressed vmlinux to its link-time physical addresses; its entry.
+
+    The kernel is not relocated, so every segment must sit where it was linked, inside the
+    range the boot protocol reserves for the kernel (load address + init_size).
+    """
+    vmlinux = bzimage_vmlinux(path)
+    with tempfile.NamedTemporaryFile(prefix="vmscope-vmlinux-") as unpacked:
+        unpacked.write(vmlinux)
+        unpacked.flush()
+        image = read_elf_image(Path(unpacked.name))
+        start, end = kernel_range
+        for segment in image.segments:
+            if not (start <= segment.paddr and segment.paddr + segment.memsz <= end):
+                raise ImageFormatError(
+                    str(path),
+                    f"its vmlinux segment {segment.index} is linked at {segment.paddr:#x}+"
+                    f"{segment.memsz:#x}, outside the kernel's range {start:#x}-{end:#x}: "
+                    "boot it with --decompress guest",
+                )
+        load_elf_segments(memory, image)
+        entry = physical_entry(image, image.entry, virtual=False)
+    if entry is None:
+        raise ImageFormatError(str(path), f"its vmlinux entry point {image.entry:#x} lies in no segment")
+    return entry
+
+
 def load_bzimage(
     memory: GuestMemory,
     path: Path,
@@ -276,6 +306,8 @@ def load_bzimage(
     initrd: Path | None = None,
     rsdp_address: int = 0,
     extra_e820: Sequence[E820Entry] = (),
+    *,
+    decompress_on_host: bool = False,
 ) -> LoadedGuest:
     """Load the bzImage at ``path`` for a 64-bit boot and fill the zero page.
 
@@ -283,6 +315,11 @@ def load_bzimage(
     entries are laid over the RAM map from :func:`build_e820` (e.g. ACPI table ranges).
     Returns the long-mode entry state (rip = load address + 0x200, rsi = zero page) and a
     LoadedSegment for the kernel (its init_size range), boot_params, command line and initrd.
+
+    ``decompress_on_host``: decompress the payload here and enter the vmlinux at its own 64-bit
+    entry (startup_64) with the same zero page, as the kernel's decompressor would have done at
+    its end. It skips the decompressor, which software virtualization runs as minutes of
+    emulated CPL0 code, and with it the decompressor's KASLR (the kernel runs where it was linked).
     """
     path = Path(path)
     name = str(path)
@@ -302,8 +339,14 @@ def load_bzimage(
             f"up to {load_address + reserved_size:#x}, but guest RAM below the MMIO hole ends at "
             f"{low_ram_end:#x}; give the guest at least {needed_mib}M",
         )
-    _load_file(memory, path, header.setup_size, load_address, kernel_bytes)
     kernel_range = (load_address, load_address + reserved_size)
+    if decompress_on_host:
+        entry_rip = _load_vmlinux(memory, path, kernel_range)
+        how = "decompressed by vmscope, entered at startup_64"
+    else:
+        _load_file(memory, path, header.setup_size, load_address, kernel_bytes)
+        entry_rip = load_address + ENTRY_64_OFFSET
+        how = "64-bit entry"
 
     # -- command line --------------------------------------------------------------------
     encoded = cmdline.encode()
@@ -355,7 +398,7 @@ def load_bzimage(
     params.set_e820(merge_e820(build_e820(memory), extra_e820))
     params.write_to(memory, ZERO_PAGE_ADDRESS)
 
-    entry = long_mode_state(memory, load_address + ENTRY_64_OFFSET)
+    entry = long_mode_state(memory, entry_rip)
     entry.gprs["rsi"] = ZERO_PAGE_ADDRESS
 
     segments = [
@@ -373,5 +416,5 @@ def load_bzimage(
         entry=entry,
         segments=segments,
         symbol_file=None,
-        kind=f"bzImage (boot protocol {header.version_text}, 64-bit entry)",
+        kind=f"bzImage (boot protocol {header.version_text}, {how})",
     )

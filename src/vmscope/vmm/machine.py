@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vmscope.arch.x86 import cpuid as cpuid_policy
 from vmscope.arch.x86.acpi import build_acpi_tables
@@ -45,6 +45,9 @@ from vmscope.vmm.rare_exits import RareExitHandlers
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
 
 log = logging.getLogger("vmscope.machine")
+
+Decompression = Literal["auto", "vmm", "guest"]
+DECOMPRESSION_CHOICES: tuple[Decompression, ...] = ("auto", "vmm", "guest")
 
 REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.IRQCHIP, Cap.PIT2, Cap.IMMEDIATE_EXIT, Cap.SET_TSS_ADDR, Cap.MP_STATE)
 
@@ -291,12 +294,23 @@ class Machine:
         flat_mode: CpuMode | None = None,
         flat_entry: int | None = None,
         firmware_tables: bool = True,
+        decompress: Decompression = "auto",
     ) -> LoadedGuest:
         """Load a guest image and point the boot vCPU at its entry.
 
         Kernels (bzImage, PVH and plain ELF) also get ACPI tables and an MP table describing
         this machine's CPUs, interrupt controllers and devices; flat binaries get none.
+
+        ``decompress``: who decompresses a bzImage's kernel. "guest" runs the kernel's own
+        decompressor; "vmm" decompresses it here and enters the vmlinux directly (no KASLR);
+        "auto" picks "vmm" on kvm_pvm hosts, where the decompressor is minutes of emulated
+        kernel-mode code, and "guest" elsewhere.
         """
+        if decompress not in DECOMPRESSION_CHOICES:
+            raise ConfigError(
+                f"decompress={decompress!r}: expected one of {', '.join(DECOMPRESSION_CHOICES)}"
+            )
+        on_host = decompress == "vmm" or (decompress == "auto" and self.kvm.backend == "kvm_pvm")
         rsdp_address = 0
         reserved: Sequence[E820Entry] = ()
         if firmware_tables and kind != "flat":
@@ -323,7 +337,9 @@ class Machine:
             flat_entry=flat_entry,
             rsdp_address=rsdp_address,
             extra_e820=reserved,
+            decompress_on_host=on_host,
         )
+        log.info("guest: %s", guest.kind)
         self.boot_from(guest)
         return guest
 

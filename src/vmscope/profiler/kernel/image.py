@@ -1,24 +1,17 @@
 """A kernel image as the profiler needs it: the decompressed vmlinux bytes and its section headers.
 
-A vmlinux ELF is read as is; a bzImage's payload is decompressed (gzip and xz in Python, LZ4 with
-the ``lz4`` tool, which Debian's cloud kernels need).
+A vmlinux ELF is read as is; a bzImage's payload is decompressed by loader.kernel_payload.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
-import lzma
-import shutil
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmscope.errors import ImageFormatError
-
-_LZ4_LEGACY = b"\x02\x21\x4c\x18"
+from vmscope.loader.kernel_payload import bzimage_vmlinux
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,43 +60,10 @@ def load_kernel_image(path: str | Path) -> KernelImage:
     except OSError as error:
         raise ImageFormatError(str(path), f"cannot read: {error.strerror or error}") from None
     if data[:4] != b"\x7fELF":
-        data = _bzimage_payload(str(path), data)
+        if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+            raise ImageFormatError(str(path), "neither an ELF vmlinux nor a bzImage")
+        data = bzimage_vmlinux(path, data)
     return _parse_elf(str(path), data)
-
-
-def _bzimage_payload(path: str, data: bytes) -> bytes:
-    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
-        raise ImageFormatError(path, "neither an ELF vmlinux nor a bzImage")
-    setup_sects = data[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = data[start : start + payload_length]
-    try:
-        if payload[:2] == b"\x1f\x8b":
-            return gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
-        if payload[:6] == b"\xfd7zXZ\x00":
-            return lzma.LZMADecompressor().decompress(payload)
-    except (OSError, lzma.LZMAError, EOFError) as error:
-        raise ImageFormatError(path, f"cannot decompress the kernel payload: {error}") from None
-    if payload[:4] == _LZ4_LEGACY:
-        return _lz4_tool(path, payload)
-    raise ImageFormatError(path, f"unsupported kernel payload compression (magic {payload[:4].hex()})")
-
-
-def _lz4_tool(path: str, payload: bytes) -> bytes:
-    tool = shutil.which("lz4")
-    if tool is None:
-        raise ImageFormatError(path, "LZ4-compressed kernel and no lz4 tool (apt-get install lz4)")
-    with tempfile.TemporaryDirectory() as scratch:
-        packed, unpacked = Path(scratch, "payload.lz4"), Path(scratch, "vmlinux")
-        packed.write_bytes(payload)
-        # lz4 exits 1 on the size word the kernel appends after the stream; the output is whole
-        subprocess.run(
-            [tool, "-d", "-f", str(packed), str(unpacked)], capture_output=True, timeout=300, check=False
-        )
-        if not unpacked.exists():
-            raise ImageFormatError(path, "lz4 could not decompress the kernel payload")
-        return unpacked.read_bytes()
 
 
 def _parse_elf(path: str, data: bytes) -> KernelImage:
