@@ -14,6 +14,7 @@ from vmscope.emulate.cpu import (
     ControlState,
     CpuAccess,
     MemoryFault,
+    UnsupportedAccess,
     XstateComponent,
 )
 from vmscope.emulate.engine import emulate
@@ -33,6 +34,7 @@ __all__ = [
     "Outcome",
     "RaiseException",
     "Unsupported",
+    "UnsupportedAccess",
     "XstateComponent",
     "emulate",
 ]

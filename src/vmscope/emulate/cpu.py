@@ -34,6 +34,11 @@ class MemoryFault(Exception):
         self.error_code = error_code
 
 
+class UnsupportedAccess(Exception):
+    """An access the adapter cannot perform (e.g. a memory operand in MMIO space): the
+    instruction is reported unsupported rather than guessed at."""
+
+
 @dataclass(frozen=True)
 class ControlState:
     """The parts of the special registers an instruction's meaning depends on."""

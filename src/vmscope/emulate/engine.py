@@ -14,7 +14,7 @@ from capstone import x86_const as x86
 
 from vmscope.emulate import alu
 from vmscope.emulate import xstate as xs
-from vmscope.emulate.cpu import ControlState, CpuAccess, MemoryFault
+from vmscope.emulate.cpu import ControlState, CpuAccess, MemoryFault, UnsupportedAccess
 from vmscope.emulate.decode import (
     GPR_PARTS,
     SEGMENT_NAMES,
@@ -184,7 +184,7 @@ def emulate(cpu: CpuAccess, instruction_bytes: bytes, control: ControlState | No
         return RaiseException(mnemonic, fault.vector, fault.error_code)
     except MemoryFault as fault:
         return RaiseException(mnemonic, PF, fault.error_code, cr2=fault.address)
-    except _Unsupported as problem:
+    except (_Unsupported, UnsupportedAccess) as problem:
         return Unsupported(mnemonic, f"{mnemonic} {instruction.op_str}: {problem}")
     if trap is not None:
         return RaiseException(mnemonic, trap)
@@ -261,7 +261,9 @@ def _ldmxcsr(ctx: _Context) -> int | None:
     _, linear = ctx.memory_operand()
     value = int.from_bytes(ctx.read(linear, 4), "little")
     _check_mxcsr(ctx.image, value)
-    xs.put(ctx.touch_image(), xs.MXCSR, 4, value)
+    image = ctx.touch_image()
+    xs.put(image, xs.MXCSR, 4, value)
+    xs.mark_in_use(image, xs.SSE_BIT)  # KVM loads MXCSR from an image only with SSE or AVX set
     return None
 
 

@@ -359,6 +359,9 @@ class VcpuRunner:
             return False
         if reason == c.ExitReason.INTERNAL_ERROR:
             internal = run.exit.internal
+            fallback = machine.fallback
+            if internal.suberror == 1 and fallback is not None and fallback.complete(self.vcpu):
+                return True  # vmscope finished the instruction KVM could not emulate
             name = c.INTERNAL_ERROR_SUBERRORS.get(internal.suberror, "unknown")
             machine.report_crash(
                 self, f"KVM internal error, suberror {internal.suberror} ({name})", internal_error=True
