@@ -52,8 +52,20 @@ def test_guest_checks_pass_with_the_fallback_on(emulate_guest: Path, tmp_path: P
     assert result.emulated_instructions == sum(row[3] for row in counts)
     if SOFTWARE_HOST:
         mnemonics = {row[1] for row in counts}
-        expected = {"int3", "popcnt", "clac", "stac", "wait", "ldmxcsr", "movd", "lock cmpxchg16b",
-                    "xgetbv", "xsave", "xrstor", "xsavec"}  # fmt: skip  (KVM emulates xsetbv itself)
+        expected = {
+            "int3",
+            "popcnt",
+            "clac",
+            "stac",
+            "wait",
+            "ldmxcsr",
+            "movd",
+            "lock cmpxchg16b",
+            "xgetbv",
+            "xsave",
+            "xrstor",
+            "xsavec",
+        }  # fmt: skip  (KVM emulates xsetbv itself)
         assert expected <= mnemonics, f"not completed by vmscope: {expected - mnemonics}"
         assert all(row[0] == 0 and row[3] >= 1 and row[4] > 0 for row in counts)
 
