@@ -6,6 +6,7 @@ same instruction (clac on every timer tick) is decoded once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -27,11 +28,22 @@ def _decoder(bits: int) -> Any:
     return decoder
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded instruction with the fields the emulator reads on every call copied out of
+    capstone's object (whose attributes are computed on each access)."""
+
+    insn: CapstoneInstruction
+    id: int
+    mnemonic: str
+    size: int
+
+
 @lru_cache(maxsize=1024)
-def decode(code: bytes, bits: int) -> CapstoneInstruction | None:
+def decode(code: bytes, bits: int) -> Decoded | None:
     """The first instruction in ``code`` for a ``bits``-bit code segment, or None."""
     for instruction in _decoder(bits).disasm(code[:15], 0):
-        return instruction
+        return Decoded(instruction, int(instruction.id), str(instruction.mnemonic), int(instruction.size))
     return None
 
 

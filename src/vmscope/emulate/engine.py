@@ -20,6 +20,7 @@ from vmscope.emulate.decode import (
     SEGMENT_NAMES,
     STACK_BASES,
     CapstoneInstruction,
+    Decoded,
     decode,
     xmm_index,
 )
@@ -47,10 +48,11 @@ class _Unsupported(Exception):
 class _Context:
     """One instruction's view of the CPU, with buffered register and state writes."""
 
-    def __init__(self, cpu: CpuAccess, control: ControlState, instruction: CapstoneInstruction) -> None:
+    def __init__(self, cpu: CpuAccess, control: ControlState, decoded: Decoded) -> None:
         self.cpu = cpu
         self.control = control
-        self.insn = instruction
+        self.insn: CapstoneInstruction = decoded.insn
+        self.size = decoded.size
         self.bits = control.code_bits
         self.registers: dict[str, int] = {}
         self._image: bytearray | None = None
@@ -69,7 +71,7 @@ class _Context:
     def read_gpr(self, name: str) -> int:
         full, shift, width = GPR_PARTS[name]
         if full == "rip":
-            return int(self.reg64("rip") + self.insn.size) & ((1 << width) - 1)
+            return int(self.reg64("rip") + self.size) & ((1 << width) - 1)
         return int(self.reg64(full) >> shift) & ((1 << width) - 1)
 
     def write_gpr(self, name: str, value: int) -> None:
@@ -95,7 +97,7 @@ class _Context:
         address_bits = int(insn.addr_size) * 8
         offset = int(mem.disp)
         if mem.base == x86.X86_REG_RIP or mem.base == x86.X86_REG_EIP:
-            offset += self.reg64("rip") + insn.size
+            offset += self.reg64("rip") + self.size
         elif mem.base != 0:
             offset += self.read_gpr(insn.reg_name(mem.base))
         if mem.index != 0:
@@ -160,22 +162,22 @@ def emulate(cpu: CpuAccess, instruction_bytes: bytes, control: ControlState | No
     it; for #BP rip was advanced, for faults nothing changed) or Unsupported.
     """
     control = control if control is not None else cpu.control_state()
-    instruction = decode(bytes(instruction_bytes), control.code_bits)
-    if instruction is None:
+    decoded = decode(bytes(instruction_bytes), control.code_bits)
+    if decoded is None:
         shown = bytes(instruction_bytes[:15]).hex(" ")
         return Unsupported("(undecodable)", f"capstone cannot decode {shown}")
-    mnemonic = instruction.mnemonic
-    handler = HANDLERS.get(instruction.id)
+    mnemonic = decoded.mnemonic
+    handler = HANDLERS.get(decoded.id)
     if handler is None:
-        if instruction.mnemonic.startswith("v"):
+        if mnemonic.startswith("v"):
             reason = "VEX/EVEX-encoded (AVX) instructions are not emulated by vmscope"
         else:
             reason = f"vmscope's fallback emulator does not implement {mnemonic}"
         return Unsupported(mnemonic, reason)
-    context = _Context(cpu, control, instruction)
+    context = _Context(cpu, control, decoded)
     try:
         trap = handler(context)
-        next_rip = context.reg64("rip") + instruction.size
+        next_rip = context.reg64("rip") + decoded.size
         if context.bits != 64:
             next_rip &= 0xFFFF_FFFF if context.bits == 32 else 0xFFFF
         context.set_reg64("rip", next_rip)
@@ -185,7 +187,7 @@ def emulate(cpu: CpuAccess, instruction_bytes: bytes, control: ControlState | No
     except MemoryFault as fault:
         return RaiseException(mnemonic, PF, fault.error_code, cr2=fault.address)
     except (_Unsupported, UnsupportedAccess) as problem:
-        return Unsupported(mnemonic, f"{mnemonic} {instruction.op_str}: {problem}")
+        return Unsupported(mnemonic, f"{mnemonic} {decoded.insn.op_str}: {problem}")
     if trap is not None:
         return RaiseException(mnemonic, trap)
     return Completed(mnemonic)

@@ -12,6 +12,7 @@ counted per (vCPU, mnemonic, guest rip) with the time spent completing it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import threading
@@ -72,6 +73,27 @@ def xstate_from_cpuid(entries: Sequence[s.kvm_cpuid_entry2]) -> tuple[int, dict[
     return supported, layout or dict(DEFAULT_XSTATE_LAYOUT)
 
 
+_SYNCED = c.SYNC_X86_REGS | c.SYNC_X86_SREGS
+_SREGS_OFFSET = s.kvm_run.s.offset + s.kvm_sync_regs.sregs.offset
+_SREGS_SIZE = ctypes.sizeof(s.kvm_sregs) - ctypes.sizeof(ctypes.c_uint64 * 4)  # without the irq bitmap
+_control_cache: dict[bytes, tuple[ControlState, PagingMode]] = {}
+
+
+def _control_from_sregs(sregs: s.kvm_sregs) -> tuple[ControlState, PagingMode]:
+    paging = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+    control = ControlState(
+        cr0=sregs.cr0,
+        cr4=sregs.cr4,
+        efer=sregs.efer,
+        cs_l=bool(sregs.cs.l),
+        cs_db=bool(sregs.cs.db),
+        cpl=(sregs.cs.selector & 3) if sregs.cr0 & 1 else 0,
+        segment_bases={name: int(getattr(sregs, name).base) for name in _SEGMENTS},
+        cr2=sregs.cr2,
+    )
+    return control, paging
+
+
 class KvmCpuAccess:
     """vmscope.emulate.CpuAccess over one KVM vCPU stopped at an emulation failure.
 
@@ -93,31 +115,26 @@ class KvmCpuAccess:
         self._supported_xcr0 = supported_xcr0
         self._layout = layout
         run = vcpu.run_struct
-        self.synced = bool(run.kvm_valid_regs & c.SYNC_X86_REGS) and bool(
-            run.kvm_valid_regs & c.SYNC_X86_SREGS
-        )
+        self.synced = run.kvm_valid_regs & _SYNCED == _SYNCED
         if self.synced:
             self.regs: s.kvm_regs = run.s.regs.regs
             self.sregs: s.kvm_sregs = run.s.regs.sregs
+            # the mode changes rarely: reuse the decoded control state while sregs are unchanged
+            raw = bytes(vcpu.run_buffer[_SREGS_OFFSET : _SREGS_OFFSET + _SREGS_SIZE])
+            cached = _control_cache.get(raw)
+            if cached is None:
+                cached = _control_cache[raw] = _control_from_sregs(self.sregs)
+                if len(_control_cache) > 256:
+                    _control_cache.clear()
         else:
             self.regs = vcpu.get_regs()
             self.sregs = vcpu.get_sregs()
+            cached = _control_from_sregs(self.sregs)
+        self.control, self.paging = cached
         self.regs_dirty = False
         self._xsave: bytes | None = None
         self._new_xsave: bytes | None = None
         self._new_xcr0: int | None = None
-        sregs = self.sregs
-        self.paging = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
-        self.control = ControlState(
-            cr0=sregs.cr0,
-            cr4=sregs.cr4,
-            efer=sregs.efer,
-            cs_l=bool(sregs.cs.l),
-            cs_db=bool(sregs.cs.db),
-            cpl=(sregs.cs.selector & 3) if sregs.cr0 & 1 else 0,
-            segment_bases={name: int(getattr(sregs, name).base) for name in _SEGMENTS},
-            cr2=sregs.cr2,
-        )
 
     # -- registers ------------------------------------------------------------------------
 
