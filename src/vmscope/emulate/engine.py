@@ -188,6 +188,8 @@ def emulate(cpu: CpuAccess, instruction_bytes: bytes, control: ControlState | No
         return RaiseException(mnemonic, PF, fault.error_code, cr2=fault.address)
     except (_Unsupported, UnsupportedAccess) as problem:
         return Unsupported(mnemonic, f"{mnemonic} {decoded.insn.op_str}: {problem}")
+    except (ValueError, KeyError, IndexError) as problem:  # an operand form no handler expects
+        return Unsupported(mnemonic, f"{mnemonic} {decoded.insn.op_str}: unexpected form ({problem!r})")
     if trap is not None:
         return RaiseException(mnemonic, trap)
     return Completed(mnemonic)

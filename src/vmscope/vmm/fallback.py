@@ -286,6 +286,13 @@ class FallbackEmulator:
     def complete(self, vcpu: Vcpu) -> bool:
         """Finish the instruction ``vcpu`` stopped on. True: the vCPU can run on (completed,
         or an exception was injected); False: unsupported (see ``unsupported``)."""
+        try:
+            return self._complete(vcpu)
+        except KvmError as error:  # an ioctl refused: report it with the crash, never raise
+            self.unsupported[vcpu.id] = Unsupported("(ioctl failed)", str(error))
+            return False
+
+    def _complete(self, vcpu: Vcpu) -> bool:
         started = time.perf_counter_ns()
         access = KvmCpuAccess(vcpu, self.memory, self.lock, self.supported_xcr0, self.layout)
         code = self.instruction_bytes(vcpu, access)
