@@ -40,7 +40,15 @@ class GuestMemoryError(VmscopeError):
 
 
 class PageFault(GuestMemoryError):
-    """A guest-virtual address does not translate through the guest's page tables."""
+    """A guest-virtual address does not translate through the guest's page tables.
+
+    ``error_code`` is the #PF error code the CPU would push (present/write/user/fetch bits)
+    where the walk knew the kind of access; 0 otherwise.
+    """
+
+    def __init__(self, message: str, address: int | None = None, error_code: int = 0) -> None:
+        super().__init__(message, address)
+        self.error_code = error_code
 
 
 class ImageFormatError(VmscopeError):

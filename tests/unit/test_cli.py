@@ -34,3 +34,13 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "invalid choice: 'nosuch'" in result.stderr
+
+
+def test_emulate_fallback_switch_is_shared_by_every_booting_subcommand() -> None:
+    for command in ("run", "stat", "record"):
+        argv = [command, "--elf", "x", "--emulate-fallback", "off"]
+        if command == "record":
+            argv[1:1] = ["-o", "x.vmprof"]
+        assert build_parser(argv).parse_args(argv).emulate_fallback == "off", command
+        default = argv[:-2]
+        assert build_parser(default).parse_args(default).emulate_fallback == "on", command

@@ -22,7 +22,7 @@ def emulation_data(code: bytes) -> list[int]:
     return [1] + [int.from_bytes(raw[i : i + 8], "little") for i in (0, 8)]
 
 
-def test_emulation_failure_bytes_are_decoded_and_the_pvm_hint_names_the_mask() -> None:
+def test_emulation_failure_bytes_are_decoded_and_the_pvm_hint_names_clearcpuid() -> None:
     memory = GuestMemory.for_size(1 << 20)
     regs, sregs = long_mode_registers(0x1000)
     report = build_crash_report(
@@ -31,7 +31,9 @@ def test_emulation_failure_bytes_are_decoded_and_the_pvm_hint_names_the_mask() -
     )  # fmt: skip
     assert report.instruction == "lock cmpxchg16b xmmword ptr [rsi]"
     assert report.instruction_bytes == LOCK_CMPXCHG16B
-    assert report.hint is not None and "--cpu-features=-cx16" in report.hint
+    # CPUID masking does not reach a guest on kvm_pvm: the hint names the guest's own option
+    assert report.hint is not None and "clearcpuid=cx16" in report.hint
+    assert "--cpu-features=-" not in report.hint
     text = report.format()
     assert "in slab_alloc+0x10" in text and "faulting instruction: lock cmpxchg16b" in text
 
@@ -51,3 +53,26 @@ def test_an_unreadable_rip_gives_a_report_without_an_instruction() -> None:
     report = build_crash_report(0, "triple fault", regs, sregs, memory)
     assert report.instruction is None
     assert "guest crashed on vCPU 0: triple fault" in report.format()
+
+
+def test_hardware_host_hint_names_the_cpu_features_mask() -> None:
+    memory = GuestMemory.for_size(1 << 20)
+    regs, sregs = long_mode_registers(0x1000)
+    report = build_crash_report(
+        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(LOCK_CMPXCHG16B),
+        backend="kvm_intel",
+    )  # fmt: skip
+    assert report.hint is not None and "--cpu-features=-cx16" in report.hint
+
+
+def test_hint_says_when_the_fallback_emulator_could_not_complete_it_either() -> None:
+    memory = GuestMemory.for_size(1 << 20)
+    regs, sregs = long_mode_registers(0x1000)
+    note = "vmscope's fallback emulator could not complete it either: vpxor is not emulated"
+    vpxor = bytes.fromhex("c5f9efc0")
+    report = build_crash_report(
+        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(vpxor),
+        backend="kvm_pvm", fallback_note=note,
+    )  # fmt: skip
+    assert report.hint is not None and report.hint.endswith(note)
+    assert "kvm_pvm" in report.hint

@@ -31,6 +31,9 @@ STRUCTS = {
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry,
     "kvm_stats_header": s.kvm_stats_header,
     "kvm_stats_desc": s.kvm_stats_desc,
+    "kvm_xsave": s.kvm_xsave,
+    "kvm_xcr": s.kvm_xcr,
+    "kvm_xcrs": s.kvm_xcrs,
 }
 OFFSETS = {
     ("kvm_run", "exit_reason"): exits.EXIT_REASON_OFFSET,
@@ -43,14 +46,28 @@ OFFSETS = {
     ("kvm_run", "mmio.len"): s.kvm_run.exit.offset + s._exit_mmio.len.offset,
     ("kvm_run", "mmio.is_write"): s.kvm_run.exit.offset + s._exit_mmio.is_write.offset,
     ("kvm_run", "internal.data"): s.kvm_run.exit.offset + s._exit_internal.data.offset,
-    ("kvm_run", "emulation_failure.flags"): s.kvm_run.exit.offset + s._exit_internal.data.offset,
-    ("kvm_run", "emulation_failure.insn_size"): s.kvm_run.exit.offset + s._exit_internal.data.offset + 8,
     ("kvm_run", "kvm_dirty_regs"): s.kvm_run.kvm_dirty_regs.offset,
     ("kvm_run", "s"): s.kvm_run.s.offset,
     ("kvm_sregs", "efer"): s.kvm_sregs.efer.offset,
     ("kvm_sregs", "interrupt_bitmap"): s.kvm_sregs.interrupt_bitmap.offset,
     ("kvm_vcpu_events", "exception_payload"): s.kvm_vcpu_events.exception_payload.offset,
     ("kvm_sync_regs", "events"): s.kvm_sync_regs.events.offset,
+    ("kvm_run", "emulation_failure.flags"): s.kvm_run.exit.offset + s._exit_emulation_failure.flags.offset,
+    ("kvm_run", "emulation_failure.insn_size"): (
+        s.kvm_run.exit.offset + s._exit_emulation_failure.insn_size.offset
+    ),
+    ("kvm_run", "emulation_failure.insn_bytes"): (
+        s.kvm_run.exit.offset + s._exit_emulation_failure.insn_bytes.offset
+    ),
+    ("kvm_xcrs", "xcrs"): s.kvm_xcrs.xcrs.offset,
+    ("kvm_xcrs", "padding"): s.kvm_xcrs.padding.offset,
+}
+CONSTANTS = {
+    "KVM_INTERNAL_ERROR_EMULATION": c.INTERNAL_ERROR_EMULATION,
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES": c.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    "KVM_CAP_XCRS": c.Cap.XCRS,
+    "KVM_CAP_EXIT_ON_EMULATION_FAILURE": c.Cap.EXIT_ON_EMULATION_FAILURE,
+    "KVM_VCPUEVENT_VALID_PAYLOAD": c.VCPUEVENT_VALID_PAYLOAD,
 }
 IOCTLS = [name for name in dir(c) if name.startswith("KVM_") and name not in ("KVM_API_VERSION",)]
 
@@ -64,6 +81,8 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
         lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
     for (struct, field), _ in OFFSETS.items():
         lines.append(f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
+    for name in CONSTANTS:
+        lines.append(f'printf("constant {name} %llu\\n", (unsigned long long)({name}));')
     for name in IOCTLS:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
     lines.append("return 0; }")
@@ -87,3 +106,8 @@ def test_field_offsets_match_headers(header_values: dict[str, int], key: tuple[s
 @pytest.mark.parametrize("name", sorted(IOCTLS))
 def test_ioctl_numbers_match_headers(header_values: dict[str, int], name: str) -> None:
     assert getattr(c, name) == header_values[f"ioctl {name}"], name
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANTS))
+def test_constants_match_headers(header_values: dict[str, int], name: str) -> None:
+    assert CONSTANTS[name] == header_values[f"constant {name}"], name

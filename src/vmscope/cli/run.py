@@ -82,6 +82,11 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="isa-debug-exit port (default 0xf4)",
     )
+    machine.add_argument(
+        "--emulate-fallback", choices=("on", "off"), default="on",
+        help="complete in vmscope the instructions the host's KVM cannot emulate (default on); "
+        "off shows KVM's own behaviour (a crash report)",
+    )  # fmt: skip
     machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
     machine.add_argument(
         "--control", metavar="PATH", help="serve a control socket (mode 0600) at PATH for vmscope ctl / top"
@@ -113,7 +118,10 @@ def build_machine(args: argparse.Namespace) -> Machine:
         raise ConfigError("--mode, --load-address and --entry apply to --flat images only")
     if args.flat is not None and (args.mode is None or args.load_address is None):
         raise ConfigError("--flat needs --mode (real, protected or long) and --load-address")
-    machine = Machine(mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features)
+    machine = Machine(
+        mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features,
+        emulate_fallback=args.emulate_fallback == "on",
+    )  # fmt: skip
     try:
         install_platform_devices(machine, serial=args.serial, debug_exit_port=args.debug_exit_port)
         # Linux distribution kernels find virtio over PCI; PVH/ELF guests use virtio-mmio
@@ -169,6 +177,8 @@ def report_result(result: RunResult, quiet: bool = False) -> None:
         print(result.crash.format(), file=sys.stderr)
     elif not quiet:
         suffix = "" if "exit status" in result.reason else f" (exit status {result.exit_status})"
+        if result.emulated_instructions:
+            suffix += f"; vmscope completed {result.emulated_instructions} instructions KVM could not emulate"
         print(f"vmscope: {result.reason}{suffix}", file=sys.stderr)
 
 

@@ -77,6 +77,10 @@ KVM_SET_MP_STATE = _iow(0x99, s.kvm_mp_state)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, s.kvm_guest_debug)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, s.kvm_vcpu_events)
+KVM_GET_XSAVE = _ior(0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = _iow(0xA5, s.kvm_xsave)
+KVM_GET_XCRS = _ior(0xA6, s.kvm_xcrs)
+KVM_SET_XCRS = _iow(0xA7, s.kvm_xcrs)
 
 KVM_API_VERSION = 12
 
@@ -102,6 +106,7 @@ class Cap(enum.IntEnum):
     SET_IDENTITY_MAP_ADDR = 37
     VCPU_EVENTS = 41
     XSAVE = 55
+    XCRS = 56
     MAX_VCPUS = 66
     SYNC_REGS = 74
     SIGNAL_MSI = 77
@@ -111,6 +116,7 @@ class Cap(enum.IntEnum):
     X86_DISABLE_EXITS = 143
     COALESCED_PIO = 162
     BINARY_STATS_FD = 203
+    EXIT_ON_EMULATION_FAILURE = 204
     PMU_CAPABILITY = 212
 
 
@@ -151,6 +157,16 @@ INTERNAL_ERROR_SUBERRORS = {
     3: "delivery event",
     4: "unexpected exit reason",
 }
+
+#: kvm_run.emulation_failure.flags: insn_size/insn_bytes hold the failing instruction
+INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
+INTERNAL_ERROR_EMULATION = 1
+
+# kvm_vcpu_events.flags: which parts KVM_SET_VCPU_EVENTS applies
+VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
+VCPUEVENT_VALID_SHADOW = 1 << 2
+VCPUEVENT_VALID_PAYLOAD = 1 << 4
 
 # kvm_run.system_event.type
 SYSTEM_EVENT_TYPES = {1: "shutdown", 2: "reset", 3: "crash", 4: "wakeup", 5: "suspend", 6: "SEV termination"}

@@ -60,10 +60,6 @@ MMIO_EXIT = _struct_for(s._exit_mmio, ("phys_addr", "data", "len", "is_write"))
 #: offset, inside kvm_run, of the mmio data bytes a read exit must fill in
 MMIO_DATA_OFFSET: int = EXIT_UNION_OFFSET + s._exit_mmio.data.offset
 
-#: kvm_run.emulation_failure.flags bit: insn_size and insn_bytes[15] are valid. The emulation
-#: failure struct overlays kvm_run.internal: data[0] is flags, data[1..2] hold insn_size, insn_bytes.
-EMULATION_FLAG_INSTRUCTION_BYTES = 1
-
 
 @dataclass(frozen=True, slots=True)
 class RareExit:
@@ -85,16 +81,15 @@ class RareExit:
             return str(self.reason)
 
 
-def _emulation_failure_bytes(internal: s._exit_internal) -> bytes:
-    """The instruction bytes of an emulation failure when KVM included them."""
-    if (
-        internal.suberror != 1
-        or internal.ndata < 3
-        or not internal.data[0] & EMULATION_FLAG_INSTRUCTION_BYTES
-    ):
+def emulation_failure_bytes(run: s.kvm_run) -> bytes:
+    """The failing instruction's bytes after an emulation-failure exit, when KVM supplied them
+    (hosts with KVM_CAP_EXIT_ON_EMULATION_FAILURE enabled); else empty."""
+    failure = run.exit.emulation_failure
+    if failure.suberror != c.INTERNAL_ERROR_EMULATION or failure.ndata < 3:
         return b""
-    raw = b"".join(int(internal.data[index]).to_bytes(8, "little") for index in (1, 2))
-    return raw[1 : 1 + min(raw[0], 15)]
+    if not failure.flags & c.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+        return b""
+    return bytes(failure.insn_bytes)[: min(int(failure.insn_size), 15)]
 
 
 def decode_rare_exit(run: s.kvm_run) -> RareExit:
@@ -104,8 +99,9 @@ def decode_rare_exit(run: s.kvm_run) -> RareExit:
     if reason == c.ExitReason.SYSTEM_EVENT:
         return RareExit(reason, code=int(exit_union.system_event.type))
     if reason == c.ExitReason.INTERNAL_ERROR:
-        internal = exit_union.internal
-        return RareExit(reason, code=int(internal.suberror), instruction=_emulation_failure_bytes(internal))
+        return RareExit(
+            reason, code=int(exit_union.internal.suberror), instruction=emulation_failure_bytes(run)
+        )
     if reason == c.ExitReason.FAIL_ENTRY:
         return RareExit(reason, code=int(exit_union.fail_entry.hardware_entry_failure_reason))
     if reason == c.ExitReason.DEBUG:

@@ -137,6 +137,19 @@ class _exit_internal(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
+class _exit_emulation_failure(ctypes.Structure):
+    """kvm_run.emulation_failure: the internal-error layout for suberror 1 (emulation failure);
+    insn_bytes are valid when flags has KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES."""
+
+    _fields_ = [
+        ("suberror", u32),
+        ("ndata", u32),
+        ("flags", u64),
+        ("insn_size", u8),
+        ("insn_bytes", u8 * 15),
+    ]
+
+
 class _exit_system_event(ctypes.Structure):
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
@@ -150,6 +163,7 @@ class _exit_union(ctypes.Union):
         ("debug", _exit_debug),
         ("mmio", _exit_mmio),
         ("internal", _exit_internal),
+        ("emulation_failure", _exit_emulation_failure),
         ("system_event", _exit_system_event),
         ("padding", ctypes.c_char * 256),
     ]
@@ -249,6 +263,20 @@ class kvm_fpu(ctypes.Structure):
         ("mxcsr", u32),
         ("pad2", u32),
     ]
+
+
+class kvm_xsave(ctypes.Structure):
+    """The legacy 4 KiB XSAVE image (standard format) of KVM_GET/SET_XSAVE."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * 16), ("padding", u64 * 16)]
 
 
 class kvm_lapic_state(ctypes.Structure):

@@ -19,6 +19,7 @@ from vmscope.arch.x86.cpu_state import CpuEntryState, DescriptorTable, Segment
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.kvm._ioctl import ioctl
+from vmscope.kvm.exits import emulation_failure_bytes
 
 if TYPE_CHECKING:
     from vmscope.kvm.vm import Vm
@@ -122,6 +123,54 @@ class Vcpu:
         events = s.kvm_vcpu_events()
         ioctl(self.fd, c.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
         return events
+
+    def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
+        ioctl(self.fd, c.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver exception ``vector`` on the next KVM_RUN (KVM_SET_VCPU_EVENTS).
+
+        Only the exception part is applied: flags leave NMI, SIPI and the interrupt shadow
+        as they are. For #PF the caller sets CR2 first (KVM_SET_SREGS).
+        """
+        events = self.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        events.exception_has_payload = 0
+        events.flags = 0
+        self.set_vcpu_events(events)
+
+    def get_xsave(self) -> bytes:
+        """The FPU/SSE/AVX state as the 4 KiB standard-format XSAVE image."""
+        area = s.kvm_xsave()
+        ioctl(self.fd, c.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytes(area)
+
+    def set_xsave(self, image: bytes) -> None:
+        area = s.kvm_xsave()
+        ctypes.memmove(ctypes.addressof(area), image, min(len(image), ctypes.sizeof(area)))
+        ioctl(self.fd, c.KVM_SET_XSAVE, area, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> dict[int, int]:
+        """Extended control registers: {0: XCR0, ...}."""
+        table = s.kvm_xcrs()
+        ioctl(self.fd, c.KVM_GET_XCRS, table, "KVM_GET_XCRS")
+        return {int(table.xcrs[i].xcr): int(table.xcrs[i].value) for i in range(min(table.nr_xcrs, 16))}
+
+    def set_xcrs(self, values: dict[int, int]) -> None:
+        table = s.kvm_xcrs(nr_xcrs=len(values))
+        for slot, (index, value) in enumerate(values.items()):
+            table.xcrs[slot].xcr = index
+            table.xcrs[slot].value = value
+        ioctl(self.fd, c.KVM_SET_XCRS, table, "KVM_SET_XCRS")
+
+    def emulation_failure_bytes(self) -> bytes | None:
+        """The failing instruction's bytes from kvm_run after an emulation-failure exit, when
+        KVM supplied them (KVM_CAP_EXIT_ON_EMULATION_FAILURE hosts), else None."""
+        return emulation_failure_bytes(self.run_struct) or None
 
     def set_entry_state(self, state: CpuEntryState) -> None:
         """Load a loader-produced boot state: segments, control registers, rip, rflags, gprs."""

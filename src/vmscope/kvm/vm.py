@@ -100,6 +100,14 @@ class Vm:
             request.args[index] = value
         ioctl(self.fd, c.KVM_ENABLE_CAP, request, f"KVM_ENABLE_CAP({cap.name})")
 
+    def enable_exit_on_emulation_failure(self) -> bool:
+        """Ask KVM to exit with the instruction bytes on every emulation failure, where the
+        host has KVM_CAP_EXIT_ON_EMULATION_FAILURE. Returns whether it is now on."""
+        if not self.check_extension(c.Cap.EXIT_ON_EMULATION_FAILURE):
+            return False
+        self.enable_cap(c.Cap.EXIT_ON_EMULATION_FAILURE, 1)
+        return True
+
     def stats_fd(self) -> int:
         """A file descriptor for the VM's binary statistics (see kvm.stats)."""
         return ioctl(self.fd, c.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")

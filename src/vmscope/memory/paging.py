@@ -131,3 +131,49 @@ def write_virtual(memory: GuestMemory, mode: PagingMode, gva: int, data: bytes) 
         memory.write(translate(memory, mode, gva), data[offset : offset + chunk])
         gva += chunk
         offset += chunk
+
+
+# page-fault error code bits
+PF_PRESENT, PF_WRITE, PF_USER, PF_FETCH = 1 << 0, 1 << 1, 1 << 2, 1 << 4
+PTE_WRITABLE, PTE_USER, PTE_NO_EXECUTE = 1 << 1, 1 << 2, 1 << 63
+CR0_WP = 1 << 16
+
+
+def translate_access(
+    memory: GuestMemory, mode: PagingMode, gva: int, *, write: bool, user: bool = False
+) -> int:
+    """Translate as the vCPU would for a data access, checking what the CPU checks.
+
+    Raises PageFault with the #PF error code. In long mode the R/W and U/S bits of every
+    level are honoured (CR0.WP for supervisor writes); with 32-bit paging only presence is
+    (those guests are not what the fallback emulator serves).
+    """
+    access = (PF_WRITE if write else 0) | (PF_USER if user else 0)
+    if not mode.enabled:
+        return gva
+    if not mode.long_mode:
+        try:
+            return translate(memory, mode, gva)
+        except PageFault as fault:
+            raise PageFault(str(fault), address=gva, error_code=access) from None
+    levels = 5 if mode.cr4 & CR4_LA57 else 4
+    table = mode.cr3 & ADDRESS_MASK
+    writable = user_ok = True
+    for level in range(levels, 0, -1):
+        shift = 12 + 9 * (level - 1)
+        try:
+            entry = memory.read_u64(table + ((gva >> shift) & 0x1FF) * 8)
+        except GuestMemoryError:
+            raise PageFault(f"page tables for {gva:#x} point outside guest RAM", gva, access) from None
+        if not entry & PTE_PRESENT:
+            raise PageFault(f"guest-virtual address {gva:#x} is not mapped (level {level})", gva, access)
+        writable = writable and bool(entry & PTE_WRITABLE)
+        user_ok = user_ok and bool(entry & PTE_USER)
+        large = level in (2, 3) and entry & PTE_PAGE_SIZE
+        if large or level == 1:
+            page_mask = (1 << shift) - 1
+            if (user and not user_ok) or (write and not writable and (user or mode.cr0 & CR0_WP)):
+                raise PageFault(f"access to {gva:#x} denied by the page tables", gva, access | PF_PRESENT)
+            return (entry & ADDRESS_MASK & ~page_mask) | (gva & page_mask)
+        table = entry & ADDRESS_MASK
+    raise AssertionError("unreachable")  # pragma: no cover

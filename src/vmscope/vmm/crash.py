@@ -3,8 +3,10 @@
 The instruction is read from guest memory through the guest's page tables (or taken from
 the bytes KVM reports for an emulation failure), disassembled with capstone in the vCPU's
 current mode, and symbolized when the guest image has symbols. On hosts whose KVM cannot
-emulate some instructions (PVM), the report names the --cpu-features mask that hides the
-feature from the guest when one exists.
+emulate some instructions (PVM), the report says whether vmscope's fallback emulator could not
+complete it either, and how to steer a guest away from the feature: on a kvm_pvm host CPUID
+masking does not reach the guest (it reads the host CPU's CPUID), so the hint names the Linux
+``clearcpuid=`` option; on other hosts the --cpu-features mask.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def build_crash_report(
     emulation_data: list[int] | None = None,
     symbolize: Callable[[int], str | None] | None = None,
     backend: str = "",
+    fallback_note: str | None = None,
 ) -> CrashReport:
+    """``fallback_note``: why vmscope's fallback emulator did not complete the instruction
+    (it did not support it, or it is switched off), for emulation failures."""
     import capstone
 
     mode_name, cs_mode = cpu_mode_name(sregs)
@@ -163,7 +168,8 @@ def build_crash_report(
         if feature is not None and backend == "kvm_pvm":
             report.hint = (
                 f"this host's KVM (kvm_pvm, software virtualization) cannot emulate {mnemonic} in guest "
-                f"kernel mode; hide the feature from the guest with --cpu-features=-{feature}"
+                "kernel mode, and CPUID masking (--cpu-features) does not reach guests on this host; "
+                f"a Linux guest avoids it with clearcpuid={feature} on its command line"
             )
         elif feature is not None and emulation_data is not None:
             report.hint = (
@@ -176,6 +182,8 @@ def build_crash_report(
             "this host's KVM is kvm_pvm (software virtualization): guest kernel code is emulated and some "
             "instructions cannot be; on a VT-x/AMD-V host this guest may run"
         )
+    if fallback_note is not None and emulation_data is not None:
+        report.hint = f"{report.hint}; {fallback_note}" if report.hint else fallback_note
     if symbolize is not None:
         report.symbol = symbolize(regs.rip)
     return report

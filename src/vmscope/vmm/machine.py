@@ -33,12 +33,15 @@ from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
+from vmscope.kvm.constants import ExitReason
+from vmscope.kvm.exits import RareExit
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import pci_dsdt_aml
 from vmscope.vmm.crash import CrashReport, build_crash_report
+from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.rare_exits import RareExitHandlers
@@ -60,6 +63,8 @@ class RunResult:
     reason: str
     crash: CrashReport | None = None
     duration_s: float = 0.0
+    #: instructions KVM could not emulate that vmscope's fallback emulator completed
+    emulated_instructions: int = 0
 
 
 @dataclass
@@ -106,9 +111,12 @@ class Machine:
         cpu_features: str = "",
         kvm_device: str = "/dev/kvm",
         strict_devices: bool = False,
+        emulate_fallback: bool = True,
     ) -> None:
         """``strict_devices``: a device model that raises stops the VM (status 1) instead of
-        being logged and answered with all-ones while the guest runs on."""
+        being logged and answered with all-ones while the guest runs on.
+        ``emulate_fallback``: complete in vmscope the instructions the host's KVM fails to
+        emulate (vmm.fallback); off, such a failure ends the run with a crash report."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
         self.kvm = Kvm(kvm_device)
         self.kvm.require(*REQUIRED_CAPS)
@@ -140,7 +148,19 @@ class Machine:
 
         #: exit hooks (user observers and the profiler); see vmscope.vmm.hooks
         self.hooks = ExitHooks()
-        supported = _to_policy_entries(self.kvm.supported_cpuid())
+        #: code that takes some rare exits before the default decision (the GDB stub takes
+        #: KVM_EXIT_DEBUG, the fallback emulator takes emulation failures)
+        self.rare_exit_handlers = RareExitHandlers()
+        supported_cpuid = self.kvm.supported_cpuid()
+        supported = _to_policy_entries(supported_cpuid)
+        #: completes what KVM cannot emulate (None with emulate_fallback=False)
+        self.fallback: FallbackEmulator | None = None
+        if emulate_fallback:
+            supported_xcr0, layout = xstate_from_cpuid(supported_cpuid)
+            self.fallback = FallbackEmulator(self.memory, supported_xcr0=supported_xcr0, xstate_layout=layout)
+            if self.vm.enable_exit_on_emulation_failure():
+                log.debug("KVM exits with the instruction bytes on every emulation failure")
+            self.rare_exit_handlers.add(ExitReason.INTERNAL_ERROR, self._complete_emulation_failure)
         self.runners: list[VcpuRunner] = []
         for vcpu_id in range(cpus):
             vcpu = self.vm.create_vcpu(vcpu_id)
@@ -159,9 +179,6 @@ class Machine:
         self.virtio_attachments: list[Any] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
         self.symbolize: Callable[[int], str | None] | None = None
-        #: code that takes some rare exits before the default decision (the GDB stub takes
-        #: KVM_EXIT_DEBUG, the fallback emulator takes emulation failures)
-        self.rare_exit_handlers = RareExitHandlers()
 
         self._stop: _StopState | None = None
         self._stop_lock = threading.Lock()
@@ -417,7 +434,27 @@ class Machine:
         stop = self._stop or _StopState("still running", -1)
         end = self._finished_at or time.monotonic()
         duration = end - self._started_at if self._started_at is not None else 0.0
-        return RunResult(stop.exit_status, stop.reason, stop.crash, duration)
+        return RunResult(stop.exit_status, stop.reason, stop.crash, duration, self.emulated_instructions)
+
+    @property
+    def emulated_instructions(self) -> int:
+        """How many instructions KVM could not emulate vmscope completed so far."""
+        return self.fallback.completed if self.fallback is not None else 0
+
+    def _complete_emulation_failure(self, runner: VcpuRunner, rare_exit: RareExit) -> bool | None:
+        """Rare-exit handler: True when vmscope finished the instruction KVM could not emulate;
+        None (a crash report follows) for other internal errors or what the fallback cannot do."""
+        fallback = self.fallback
+        if rare_exit.code != 1 or fallback is None:
+            return None
+        return True if fallback.complete(runner.vcpu) else None
+
+    def fallback_counts(self) -> list[tuple[int, str, int, int, int]]:
+        """(vcpu, mnemonic, guest rip, count, total ns) per instruction vmscope completed,
+        most frequent first (empty with the fallback off)."""
+        if self.fallback is None:
+            return []
+        return [(r.vcpu, r.mnemonic, r.rip, r.count, r.total_ns) for r in self.fallback.counts()]
 
     @property
     def running(self) -> bool:
@@ -429,6 +466,10 @@ class Machine:
             if self._stop is None:
                 self._stop = _StopState(reason, exit_status)
                 log.info("stopping with exit status %d: %s", exit_status, reason)
+                if self.emulated_instructions:
+                    log.info(
+                        "vmscope completed %d instructions KVM could not emulate", self.emulated_instructions
+                    )
         for runner in self.runners:
             runner.request_stop()
 
@@ -463,6 +504,15 @@ class Machine:
             emulation_data = [int(internal.data[i]) for i in range(min(internal.ndata, 16))]
             if internal.suberror != 1:
                 emulation_data = None
+        fallback_note = None
+        if emulation_data is not None:
+            unsupported = self.fallback.unsupported.pop(vcpu.id, None) if self.fallback else None
+            if self.fallback is None:
+                fallback_note = "vmscope's fallback emulator is off (--emulate-fallback off)"
+            elif unsupported is not None:
+                fallback_note = (
+                    f"vmscope's fallback emulator could not complete it either: {unsupported.reason}"
+                )
         try:
             report = build_crash_report(
                 vcpu.id,
@@ -473,6 +523,7 @@ class Machine:
                 emulation_data=emulation_data,
                 symbolize=self.symbolize,
                 backend=self.kvm.backend,
+                fallback_note=fallback_note,
             )
         except KvmError as error:
             report = CrashReport(vcpu.id, f"{reason} (registers unavailable: {error})")
