@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
+from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwind import StackUnwinder
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
@@ -37,7 +38,6 @@ from vmscope.vmm.runner import VcpuRunner
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
 
-DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
 DEFAULT_MAX_SPANS = 50_000
 
