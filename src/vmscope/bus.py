@@ -10,7 +10,9 @@ and counted; the guest sees all-ones and the VM keeps running.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,11 @@ class Bus:
         self.device_errors: Counter[str] = Counter()
         #: called after a device failure is logged; the machine uses it to stop in strict mode
         self.on_device_error: Callable[[Device, Exception], None] | None = None
+        #: address -> write(data), bound by :meth:`bind_write`; cleared in place when the map
+        #: changes, so an exit loop holding this dict never calls a stale device
+        self.write_handlers: dict[int, Callable[[bytes], None]] = {}
+        # a handler bound while another thread changes the map must not be stored stale
+        self._map_lock = threading.Lock()
 
     # -- registration ---------------------------------------------------------------------
 
@@ -59,6 +66,10 @@ class Bus:
             raise BusConflictError(
                 f"{self.name} window {base:#x}+{length:#x} for {device.name} is outside the bus"
             )
+        with self._map_lock:
+            self._insert(base, length, device)
+
+    def _insert(self, base: int, length: int, device: Device) -> None:
         index = bisect.bisect_right(self._bases, base)
         for neighbour in self._mappings[max(0, index - 1) : index + 1]:
             if base < neighbour.end and neighbour.base < base + length:
@@ -68,13 +79,18 @@ class Bus:
                 )
         self._mappings.insert(index, Mapping(base, length, device))
         self._bases.insert(index, base)
-        self._cache.clear()
+        self._forget_bindings()
 
     def unregister(self, device: Device) -> None:
-        keep = [m for m in self._mappings if m.device is not device]
-        self._mappings = keep
-        self._bases = [m.base for m in keep]
+        with self._map_lock:
+            keep = [m for m in self._mappings if m.device is not device]
+            self._mappings = keep
+            self._bases = [m.base for m in keep]
+            self._forget_bindings()
+
+    def _forget_bindings(self) -> None:
         self._cache.clear()
+        self.write_handlers.clear()
 
     @property
     def mappings(self) -> tuple[Mapping, ...]:
@@ -126,6 +142,32 @@ class Bus:
             device.write(address - base, data)
         except Exception as error:  # a device bug must not take the VM down
             self._device_failed(device, "write", address, error)
+
+    def bind_write(self, address: int) -> Callable[[bytes], None]:
+        """``write(data)`` for ``address``, resolved once: the device's own write with the
+        offset bound (the exit loop catches its exceptions and reports them through
+        :meth:`write_failed`), or the unclaimed-write counter. Kept in :attr:`write_handlers`."""
+        with self._map_lock:
+            target = self.lookup(address)
+            handler: Callable[[bytes], None]
+            if target is None:
+                handler = functools.partial(self._count_unclaimed_write, address)
+            else:
+                device, base = target
+                handler = functools.partial(device.write, address - base)
+            if len(self.write_handlers) < 65536:  # bounded like the lookup cache
+                self.write_handlers[address] = handler
+        return handler
+
+    def _count_unclaimed_write(self, address: int, data: bytes) -> None:
+        self.unclaimed_writes[address, len(data)] += 1
+
+    def write_failed(self, address: int, error: Exception) -> None:
+        """A bound write handler raised: log and count it like :meth:`write` does."""
+        target = self.lookup(address)
+        if target is None:  # the counter itself cannot fail; this is a VMM bug
+            raise error
+        self._device_failed(target[0], "write", address, error)
 
     def _device_failed(self, device: Device, access: str, address: int, error: Exception) -> None:
         self.device_errors[device.name] += 1

@@ -19,10 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.segments import InterpSegment
-
 from vmscope.errors import ConfigError
 
 NEWC_MAGIC = b"070701"
@@ -141,6 +137,11 @@ def gzip_deterministic(data: bytes) -> bytes:
 
 def check_static_busybox(path: Path) -> None:
     """Raise ConfigError unless ``path`` is a statically linked ELF executable."""
+    # pyelftools loads here, not with the module: `vmscope initramfs --help` needs none of it
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.segments import InterpSegment
+
     if not path.exists():
         raise ConfigError(f"busybox not found at {path}: {INSTALL_HINT}, or pass --busybox PATH")
     try:

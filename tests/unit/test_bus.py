@@ -79,3 +79,34 @@ def test_unregister_removes_the_window_and_clears_the_lookup_cache() -> None:
     assert bus.lookup(0x510) is not None
     bus.unregister(device)
     assert bus.lookup(0x510) is None
+
+
+def test_bound_write_handlers_reach_the_device_and_follow_map_changes() -> None:
+    bus = PioBus()
+    first = Register("first")
+    bus.register(0x510, 2, first)
+    handler = bus.bind_write(0x511)
+    assert bus.write_handlers[0x511] is handler
+    handler(b"\x07")
+    assert first.writes == [(1, b"\x07")]
+    bus.unregister(first)
+    assert bus.write_handlers == {}  # the exit loop's dict is cleared in place
+    bus.bind_write(0x511)(b"\x08\x00")
+    assert bus.unclaimed_writes[0x511, 2] == 1
+    second = Register("second")
+    bus.register(0x500, 0x20, second)
+    assert 0x511 not in bus.write_handlers
+    bus.bind_write(0x511)(b"\x09")
+    assert second.writes == [(0x11, b"\x09")] and first.writes == [(1, b"\x07")]
+
+
+def test_a_failing_bound_write_is_reported_like_a_bus_write() -> None:
+    bus = MmioBus()
+    failures: list[str] = []
+    bus.on_device_error = lambda device, error: failures.append(device.name)
+    bus.register(0xD000_0000, 0x1000, Broken())
+    handler = bus.bind_write(0xD000_0004)
+    with pytest.raises(RuntimeError) as caught:
+        handler(b"\x01\x02\x03\x04")
+    bus.write_failed(0xD000_0004, caught.value)
+    assert bus.device_errors["broken"] == 1 and failures == ["broken"]

@@ -44,3 +44,27 @@ def test_emulate_fallback_switch_is_shared_by_every_booting_subcommand() -> None
         assert build_parser(argv).parse_args(argv).emulate_fallback == "off", command
         default = argv[:-2]
         assert build_parser(default).parse_args(default).emulate_fallback == "on", command
+
+
+def test_help_of_vmscope_and_of_every_subcommand_loads_no_machine() -> None:
+    """Building parsers must stay cheap (issue 15): no vCPU loop, KVM binding, loaders or
+    pyelftools until a command actually runs."""
+    heavy = ("vmscope.vmm", "vmscope.kvm", "vmscope.loader", "vmscope.control.server", "elftools")
+    probe = (
+        "import runpy, sys\n"
+        "try:\n"
+        "    runpy.run_module('vmscope', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))\n"
+    )
+    for command in ([], *([name] for name in SUBCOMMANDS)):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *command, "--help"],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": SRC},
+            check=True,
+        )
+        assert "usage: vmscope" in result.stdout
+        assert result.stdout.strip().splitlines()[-1] == "[]", (command, result.stdout.splitlines()[-1])

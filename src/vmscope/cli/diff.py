@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 
 from vmscope.errors import ConfigError
-from vmscope.profiler import profile_file
-from vmscope.profiler.diff import render_diff
-from vmscope.profiler.report import ORIGIN_CHOICES, make_console
+from vmscope.profiler.options import ORIGIN_CHOICES
 
 EPILOG = """\
 Shares are compared, so runs of different length compare fairly; deltas are percentage points
@@ -42,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    from vmscope.profiler import profile_file
+    from vmscope.profiler.diff import render_diff
+    from vmscope.profiler.report import make_console
+
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")
     a = profile_file.load(args.a)

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.errors import ConfigError
-from vmscope.profiler import profile_file
-from vmscope.profiler.recorder import DEFAULT_FREQUENCY_HZ, ProfileRecorder
+from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
@@ -46,6 +45,9 @@ def merge_run_arguments(args: argparse.Namespace, parser_prog: str) -> argparse.
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope.profiler import profile_file
+    from vmscope.profiler.recorder import ProfileRecorder
+
     args = merge_run_arguments(args, "vmscope record")
     output = Path(args.output)
     if output.parent and not output.parent.exists():

@@ -9,17 +9,8 @@ from pathlib import Path
 from typing import TextIO
 
 from vmscope.errors import ConfigError, VmscopeError
-from vmscope.profiler import profile_file
-from vmscope.profiler.export import EXPORT_FORMATS, export_profile
-from vmscope.profiler.report import (
-    EVENT_CLASSES,
-    ORIGIN_CHOICES,
-    SORT_KEYS,
-    ReportOptions,
-    make_console,
-    render_report,
-)
-from vmscope.profiler.symbols import load_symbol_file
+from vmscope.profiler.export import EXPORT_FORMATS
+from vmscope.profiler.options import EVENT_CLASSES, ORIGIN_CHOICES, SORT_KEYS
 
 FORMATS = ("text", *EXPORT_FORMATS)
 
@@ -83,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from vmscope.profiler import profile_file
+    from vmscope.profiler.export import export_profile
+    from vmscope.profiler.report import ReportOptions, make_console, render_report
+    from vmscope.profiler.symbols import load_symbol_file
+
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")
     if args.vcpu is not None and args.vcpu < 0:

@@ -6,14 +6,16 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.errors import ConfigError
-from vmscope.loader import LoadedGuest
-from vmscope.loader.bzimage import is_bzimage
-from vmscope.vmm.machine import Machine, RunResult
-from vmscope.vmm.platform import install_platform_devices
-from vmscope.vmm.virtio_setup import install_virtio_devices
+
+# The machine, loaders and devices are imported when a guest is built, not when the parser
+# is: `vmscope run --help` must not load them (start-up time, issue 15).
+if TYPE_CHECKING:
+    from vmscope.loader import LoadedGuest
+    from vmscope.vmm.machine import Machine, RunResult
 
 EPILOG = """\
 exit status: the guest's debug-exit status ((value << 1) | 1), 0 on a clean power-off or
@@ -114,6 +116,11 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_machine(args: argparse.Namespace) -> Machine:
     """A Machine with the platform devices and the requested guest loaded."""
+    from vmscope.loader.bzimage import is_bzimage
+    from vmscope.vmm.machine import Machine
+    from vmscope.vmm.platform import install_platform_devices
+    from vmscope.vmm.virtio_setup import install_virtio_devices
+
     if args.flat is None and (args.mode or args.load_address is not None or args.entry is not None):
         raise ConfigError("--mode, --load-address and --entry apply to --flat images only")
     if args.flat is not None and (args.mode is None or args.load_address is None):

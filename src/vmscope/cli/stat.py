@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from vmscope.cli.record import merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
-from vmscope.profiler.model import Profile
-from vmscope.profiler.recorder import fill_exit_statistics
-from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
-from vmscope.vmm.machine import Machine
+from vmscope.profiler.options import EVENT_CLASSES, SORT_KEYS
+
+if TYPE_CHECKING:  # imported by the handlers: --help must not load the machine
+    from vmscope.profiler.model import Profile
+    from vmscope.vmm.machine import Machine
 
 EPILOG = """\
 examples:
@@ -22,6 +24,9 @@ examples:
 
 
 def snapshot(machine: Machine) -> Profile:
+    from vmscope.profiler.model import Profile
+    from vmscope.profiler.recorder import fill_exit_statistics
+
     profile = Profile()
     profile.metadata.cpus = machine.cpu_count
     profile.metadata.kvm_backend = machine.kvm.backend
@@ -30,6 +35,8 @@ def snapshot(machine: Machine) -> Profile:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
+
     args = merge_run_arguments(args, "vmscope stat")
     machine = build_machine(args)
     options = ReportOptions(event=args.event, vcpu=args.vcpu, sort=args.sort)
@@ -64,9 +71,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--event", choices=("vmexit", "ioport", "mmio"), default="vmexit", help="event class")
+    parser.add_argument("--event", choices=EVENT_CLASSES, default="vmexit", help="event class")
     parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
-    parser.add_argument("--sort", choices=("samples", "time"), default="samples", help="sort order")
+    parser.add_argument("--sort", choices=SORT_KEYS, default="samples", help="sort order")
     parser.add_argument("-i", "--interval", type=float, metavar="SECONDS", help="also print every SECONDS")
     add_machine_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")

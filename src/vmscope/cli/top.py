@@ -6,16 +6,13 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from vmscope.control.client import ControlClient, ControlConnectionError
 from vmscope.errors import ConfigError
-from vmscope.profiler.report import format_us, make_console, make_table
+
+if TYPE_CHECKING:  # rich and the report helpers load when drawing, not for --help
+    from rich.console import Console, Group
 
 EPILOG = """\
 Rows are exit reasons, ports and MMIO addresses; Total counts since the VM started, Rate/s and
@@ -131,6 +128,12 @@ def render(
     terminal: bool,
     max_rows: int | None,
 ) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from vmscope.profiler.report import format_us, make_table
+
     rows = exit_rows(previous, current, args.vcpu, args.sort)
     seconds = interval_seconds(previous, current)
     exits_per_s = sum(row.rate for row in rows)
@@ -179,6 +182,11 @@ def handle(args: argparse.Namespace) -> int:
         raise ConfigError(f"-d {args.delay:g}: the interval must be positive")
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"-n {args.iterations}: give at least one iteration")
+    from rich.live import Live
+    from rich.text import Text
+
+    from vmscope.profiler.report import make_console
+
     console = make_console(sys.stdout)
     terminal = console.is_terminal
     shown = 0

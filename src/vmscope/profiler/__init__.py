@@ -1,19 +1,45 @@
 """vmscope.profiler: the profile data model, latency histograms, symbolization, the profile file,
 reports and exporters. The collection side (exit accounting, sampling, unwinding) fills
 :class:`~vmscope.profiler.model.Profile`; see :mod:`vmscope.profiler.model` for how.
+
+The names below are imported on first use: the exit loop imports ``profiler.histogram`` and
+must not pay for symbolization (pyelftools) and the profile file at start-up.
 """
 
-from vmscope.profiler.histogram import LatencyHistogram
-from vmscope.profiler.model import (
-    ExitStat,
-    Profile,
-    ProfileMetadata,
-    Sample,
-    Span,
-    UnclaimedAccess,
-)
-from vmscope.profiler.profile_file import ProfileFormatError, load, save
-from vmscope.profiler.symbols import Symbol, SymbolFileError, Symbolizer, SymbolTable
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmscope.profiler.histogram import LatencyHistogram
+    from vmscope.profiler.model import (
+        ExitStat,
+        Profile,
+        ProfileMetadata,
+        Sample,
+        Span,
+        UnclaimedAccess,
+    )
+    from vmscope.profiler.profile_file import ProfileFormatError, load, save
+    from vmscope.profiler.symbols import Symbol, SymbolFileError, Symbolizer, SymbolTable
+
+_EXPORTS = {
+    "LatencyHistogram": "histogram",
+    "ExitStat": "model",
+    "Profile": "model",
+    "ProfileMetadata": "model",
+    "Sample": "model",
+    "Span": "model",
+    "UnclaimedAccess": "model",
+    "ProfileFormatError": "profile_file",
+    "load": "profile_file",
+    "save": "profile_file",
+    "Symbol": "symbols",
+    "SymbolFileError": "symbols",
+    "Symbolizer": "symbols",
+    "SymbolTable": "symbols",
+}
 
 __all__ = [
     "ExitStat",
@@ -31,3 +57,10 @@ __all__ = [
     "load",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmscope.profiler' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vmscope.profiler.{module}"), name)

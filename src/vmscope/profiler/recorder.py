@@ -29,6 +29,7 @@ from vmscope.errors import VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
+from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwinders.base import Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from vmscope.profiler.kernel.context import KernelProfileInfo
     from vmscope.vmm.machine import Machine
 
-DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
 DEFAULT_MAX_SPANS = 50_000
 

@@ -21,12 +21,10 @@ from rich.text import Text
 from vmscope.errors import ConfigError
 from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, exit_label
+from vmscope.profiler.options import EVENT_CLASSES, ORIGIN_CHOICES, SORT_KEYS
 from vmscope.profiler.stack_quality import stack_quality_line
 from vmscope.profiler.symbols import Symbolizer, address_space
 
-EVENT_CLASSES = ("vmexit", "ioport", "mmio")
-SORT_KEYS = ("samples", "time")
-ORIGIN_CHOICES = ("timer", "exit", "all")
 #: exit reasons whose ``detail`` is the ioport / mmio event name
 _EVENT_REASON = {"ioport": "IO", "mmio": "MMIO"}
 #: how many frames of guest code name an exit cause

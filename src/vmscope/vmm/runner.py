@@ -1,8 +1,9 @@
 """One vCPU thread: the KVM_RUN loop and exit dispatch.
 
 This is the hot path. The loop keeps everything it touches in local variables, reads the
-exit from the shared kvm_run page with precompiled structs, and records two timestamps
-per exit (guest time since the previous exit, then handling time). Rare exits go to
+exit from the shared kvm_run page with precompiled structs, calls the device's write bound
+once per port, and appends two raw timestamps per exit to the vCPU's exit log, which
+``VcpuExitStats.fold`` turns into the exact histograms off the per-exit path. Rare exits go to
 ``_handle_rare_exit``. Control (stop, pause, sampling kicks) arrives as a signal that makes
 KVM_RUN fail with EINTR, so the common path carries no flag checks at all.
 """
@@ -29,7 +30,6 @@ from vmscope.kvm.exits import (
     RareExit,
     decode_rare_exit,
 )
-from vmscope.profiler.histogram import LatencyHistogram
 from vmscope.vmm.exit_keys import (
     ADDRESS_MASK,
     IO_IN_KEY,
@@ -40,7 +40,7 @@ from vmscope.vmm.exit_keys import (
     decode_exit_key,
     rare_exit_key,
 )
-from vmscope.vmm.exit_stats import VcpuExitStats
+from vmscope.vmm.exit_stats import FOLD_EVERY, GUEST_ONLY, REBASE, VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.rare_exits import ExitAction, RareExitDecision, decide_rare_exit
 
@@ -230,13 +230,21 @@ class VcpuRunner:
         run_page = vcpu.run_buffer
         unpack_io = IO_EXIT.unpack_from
         unpack_mmio = MMIO_EXIT.unpack_from
-        pio_read = self.machine.pio_bus.read
-        pio_write = self.machine.pio_bus.write
-        mmio_read = self.machine.mmio_bus.read
-        mmio_write = self.machine.mmio_bus.write
+        pio_bus, mmio_bus = self.machine.pio_bus, self.machine.mmio_bus
+        pio_read = pio_bus.read
+        mmio_read = mmio_bus.read
+        # port/address -> the device's write with its offset bound (resolved once per port;
+        # the buses clear these dicts in place when their maps change)
+        pio_writers = pio_bus.write_handlers
+        mmio_writers = mmio_bus.write_handlers
+        bind_pio_write = pio_bus.bind_write
+        bind_mmio_write = mmio_bus.bind_write
         clock = time.perf_counter_ns
-        handling = self.stats.handling
-        record_guest = self.stats.guest.record
+        stats = self.stats
+        # one tuple per exit; stats.fold() turns them into the exact histograms later
+        record = stats.log.append
+        fold = stats.fold
+        fold_countdown = FOLD_EVERY
         hooks_active = self.hooks_active
         hook_cache = self.hook_cache
         match_hooks = self.machine.hooks.match
@@ -247,34 +255,40 @@ class VcpuRunner:
         if self.stop_requested:
             return
         now = clock()
+        stats.begin(now)
         while True:
             try:
                 kvm_run()
             except BlockingIOError:
                 # EAGAIN: an AP left wait-for-SIPI (INIT handled in the kernel); run it again
                 now = clock()
+                record((REBASE, now, now, now))
                 continue
             except InterruptedError:
-                record_guest(clock() - now)  # guest time up to the kick (counted in stats.kicks too)
+                now = clock()
+                record((GUEST_ONLY, now, now, now))  # guest time up to the kick (counted in stats.kicks too)
                 if not self._handle_kick():
                     return
                 now = clock()
+                record((REBASE, now, now, now))
                 continue
-            entered = now
-            now = clock()
-            record_guest(now - entered)
+            exited = clock()
 
             reason = run_page[reason_at]
             if reason == io_exit:
                 direction, size, port, count, offset = unpack_io(run_page, union)
                 if direction:
                     key = IO_OUT_KEY | port
-                    if count == 1:
-                        pio_write(port, run_page[offset : offset + size])
-                    else:
-                        for item in range(count):
-                            start = offset + item * size
-                            pio_write(port, run_page[start : start + size])
+                    write = pio_writers.get(port) or bind_pio_write(port)
+                    try:
+                        if count == 1:
+                            write(run_page[offset : offset + size])
+                        else:
+                            for item in range(count):
+                                start = offset + item * size
+                                write(run_page[start : start + size])
+                    except Exception as error:  # a device bug must not take the VM down
+                        pio_bus.write_failed(port, error)
                 else:
                     key = IO_IN_KEY | port
                     for item in range(count):
@@ -285,29 +299,33 @@ class VcpuRunner:
                 length = min(length, 8)
                 if is_write:
                     key = MMIO_WRITE_KEY | (address & ADDRESS_MASK)
-                    mmio_write(address, data[:length])
+                    write = mmio_writers.get(address) or bind_mmio_write(address)
+                    try:
+                        write(data[:length])
+                    except Exception as error:  # a device bug must not take the VM down
+                        mmio_bus.write_failed(address, error)
                 else:
                     key = MMIO_READ_KEY | (address & ADDRESS_MASK)
                     run_page[mmio_data : mmio_data + length] = mmio_read(address, length)
             else:
                 key = rare_exit_key(int.from_bytes(run_page[reason_at : reason_at + 4], "little"))
                 if not self._handle_rare_exit():
+                    record((GUEST_ONLY, exited, exited, exited))
                     return
 
-            end = clock()
-            elapsed = end - now
-            histogram = handling.get(key)
-            if histogram is None:
-                histogram = handling[key] = LatencyHistogram()
-            histogram.record(elapsed)
+            now = handled = clock()
             if hooks_active:
                 matched = hook_cache.get(key)
                 if matched is None:
                     matched = hook_cache[key] = match_hooks(key)
                 if matched:
-                    self._dispatch_hooks(matched, key, elapsed)
-                    end = clock()  # hook time is not guest time
-            now = end
+                    self._dispatch_hooks(matched, key, handled - exited)
+                    now = clock()  # hook time is neither handling nor guest time
+            record((key, exited, handled, now))
+            fold_countdown -= 1
+            if not fold_countdown:
+                fold()  # bounds the log; folding costs far less than recording each exit did
+                fold_countdown = FOLD_EVERY
 
     def _handle_rare_exit(self) -> bool:
         """Everything but port I/O and MMIO. Returns False when the vCPU must stop."""

@@ -1,0 +1,14 @@
+"""Choices and defaults of the profiler that the CLI shows in ``--help``.
+
+A module of constants only, so that building the argument parsers imports none of the
+profiler's machinery (rich, pyelftools, the recorder and the machine behind it).
+"""
+
+from __future__ import annotations
+
+#: what ``report``/``stat`` --event selects
+EVENT_CLASSES = ("vmexit", "ioport", "mmio")
+SORT_KEYS = ("samples", "time")
+#: which samples a report uses: time samples (kicks), exit samples, or both
+ORIGIN_CHOICES = ("timer", "exit", "all")
+DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers
