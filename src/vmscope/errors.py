@@ -62,3 +62,13 @@ class BusConflictError(ConfigError):
 
 class GuestBuildError(VmscopeError):
     """The bundled guest could not be built with the system toolchain."""
+
+
+class CounterUnavailableError(VmscopeError):
+    """A host performance counter (perf_event_open) cannot be opened on a thread."""
+
+    def __init__(self, event: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(f"counter {event}: {reason}")
+        self.event = event
+        self.reason = reason
+        self.errno = errno
