@@ -179,7 +179,6 @@ def render_diff(
     console.print(Text(f"A = {a_name}: {describe_profile(a)[0]}"))
     console.print(Text(f"B = {b_name}: {describe_profile(b)[0]}"))
     console.print()
-    render_time_changes(a, b, console, limit, origin, vcpu)
     sections: list[tuple[str, list[ShareChange], tuple[str, str]]] = [
         ("Functions (self share of samples)", function_changes(a, b, origin, vcpu), ("Self", "Total")),
         ("Exits (share of exits and of handling time)", exit_changes(a, b, vcpu), ("Exits", "Time")),
@@ -209,6 +208,7 @@ def render_diff(
         if len(changed) > limit:
             console.print(Text(f"... {len(changed) - limit} more"))
         console.print()
+    render_time_changes(a, b, console, limit, origin, vcpu)
 
 
 def render_time_changes(
