@@ -79,3 +79,13 @@ class KernelTableError(VmscopeError):
         super().__init__(f"{table}: {problem}")
         self.table = table
         self.problem = problem
+
+
+class CounterUnavailableError(VmscopeError):
+    """A host performance counter (perf_event_open) cannot be opened on a thread."""
+
+    def __init__(self, event: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(f"counter {event}: {reason}")
+        self.event = event
+        self.reason = reason
+        self.errno = errno

@@ -30,6 +30,9 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.guest_support(
+    "flat binary, real mode", devices="COM1 serial, debug-exit", detail="`vmscope run --flat`"
+)
 def test_real_mode_flat_guest_prints_and_exits_with_debug_exit_status(tmp_path: Path) -> None:
     image = tmp_path / "hello.bin"
     image.write_bytes(serial_print_real(b"hello from real mode\n") + debug_exit_real(0x21))
@@ -41,6 +44,7 @@ def test_real_mode_flat_guest_prints_and_exits_with_debug_exit_status(tmp_path: 
     assert log.read_bytes() == b"hello from real mode\n"
 
 
+@pytest.mark.guest_support("flat binary, long mode", devices="debug-exit", detail="Python API")
 def test_long_mode_flat_guest_runs_through_the_api(tmp_path: Path) -> None:
     image = tmp_path / "long.bin"
     image.write_bytes(out_byte(0x3F8, ord("L")) + debug_exit_long(3))

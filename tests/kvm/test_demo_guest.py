@@ -6,9 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
+@pytest.mark.guest_support(
+    "bundled demo", devices="COM1 serial, debug-exit, MMIO (unclaimed)", detail="`vmscope run`, no arguments"
+)
 def test_vmscope_run_boots_the_demo_guest_to_its_success_status() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "vmscope", "run", "--cmdline", "iterations=2"],

@@ -80,6 +80,11 @@ def pvh_memory_map(machine: Machine) -> list[tuple[int, int, int]]:
     return [struct.unpack_from("<QQI", table, 24 * i) for i in range(memmap_entries)]
 
 
+@pytest.mark.guest_support(
+    "Linux PVH vmlinux",
+    devices="COM1 serial, ACPI, 2 vCPUs, initramfs",
+    detail="Debian linux-image-cloud-amd64 (bookworm 6.1), early boot: banner, e820, command line",
+)
 def test_stock_kernel_reports_the_machine_vmscope_built(tmp_path: Path, kernel: Path, initrd: Path) -> None:
     if HARDWARE:
         pytest.skip("on a VT-x/AMD-V host the full boot test below covers this and more")
@@ -115,6 +120,11 @@ def test_stock_kernel_reports_the_machine_vmscope_built(tmp_path: Path, kernel: 
 
 @pytest.mark.skipif(
     not HARDWARE, reason="needs VT-x/AMD-V: this host's KVM cannot run a stock kernel to user space"
+)
+@pytest.mark.guest_support(
+    "Linux PVH vmlinux",
+    devices="COM1 serial, ACPI power-off, 2 vCPUs, busybox initramfs",
+    detail="Debian linux-image-cloud-amd64 (bookworm 6.1), to a shell and power-off",
 )
 def test_stock_kernel_boots_to_a_shell_and_powers_off(tmp_path: Path, kernel: Path, initrd: Path) -> None:
     path = str(tmp_path / "console.sock")
@@ -359,6 +369,11 @@ def check_virtio_consoles(
 
 @pytest.mark.skipif(
     not HARDWARE, reason="needs VT-x/AMD-V: this host's KVM cannot run a stock kernel to user space"
+)
+@pytest.mark.guest_support(
+    "Linux PVH vmlinux",
+    devices="virtio-blk, virtio-net over virtio-pci and virtio-mmio",
+    detail="Debian linux-image-cloud-amd64 (bookworm 6.1): mounts a disk, pings",
 )
 @pytest.mark.parametrize("transport", ["pci", "mmio"])
 def test_stock_kernel_mounts_virtio_blk_and_pings_over_virtio_net(

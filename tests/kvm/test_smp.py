@@ -49,6 +49,7 @@ def run_smp(
     return result, reports, serial_log.read_text()
 
 
+@pytest.mark.guest_support("PVH ELF (bundled runtime)", devices="3 vCPUs (INIT/SIPI), LAPIC, ACPI MADT")
 def test_three_cpus_each_ap_reports_its_own_apic_id_once(smp_guest: Path, tmp_path: Path) -> None:
     # no cpus= on the command line: the guest takes the CPU count from CPUID leaf 1
     result, reports, serial = run_smp(smp_guest, tmp_path, cpus=3)

@@ -83,6 +83,9 @@ def run_guest(
 # -- virtio-blk ----------------------------------------------------------------------------------
 
 
+@pytest.mark.guest_support(
+    "PVH ELF (bundled runtime)", devices="virtio-blk over virtio-mmio, I/O thread on and off"
+)
 @pytest.mark.parametrize("iothreads", [True, False], ids=["iothreads-on", "iothreads-off"])
 def test_blk_writes_land_at_their_offsets_and_requests_run_on_the_expected_thread(
     guest: Path, tmp_path: Path, iothreads: bool
@@ -319,6 +322,9 @@ def test_rng_returns_64_random_bytes(guest: Path, tmp_path: Path) -> None:
     assert isinstance(rng, VirtioRng) and rng.bytes_served == 64
 
 
+@pytest.mark.guest_support(
+    "PVH ELF (bundled runtime)", devices="virtio-blk, virtio-console, virtio-rng over virtio-mmio"
+)
 def test_one_guest_drives_several_devices_in_slot_order(guest: Path, tmp_path: Path) -> None:
     # disks first, then console, then rng: slots 0, 1, 2 at 0xfeb00000 + n * 0x1000, GSIs 5, 6, 7
     image = make_image(tmp_path / "disk.img", 1 << 20)

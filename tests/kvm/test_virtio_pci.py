@@ -85,6 +85,9 @@ def check_common(run: Run) -> re.Match[str]:
     return done
 
 
+@pytest.mark.guest_support(
+    "PVH ELF (bundled runtime)", devices="virtio-rng over virtio-pci, MSI-X through irqfd"
+)
 def test_msix_through_irqfd_and_notify_through_ioeventfd(guest: Path, tmp_path: Path) -> None:
     run = run_guest(guest, tmp_path, irq="msix", iothreads=True)
     done = check_common(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,34 @@ def test_timer_slack_is_per_thread() -> None:
     if not slack:
         pytest.skip("/proc/<tid>/timerslack_ns is not readable here")
     assert slack == "1000"
+
+
+def test_watchers_see_running_named_threads_at_once_and_new_ones_as_they_start() -> None:
+    from vmscope.host_thread import watch_host_threads
+
+    release = threading.Event()
+    early = threading.Thread(target=lambda: (name_host_thread("io:early"), release.wait(5)))
+    early.start()
+    seen: list[tuple[str, int, int]] = []
+    try:
+        while not any(t.name == early.name for t in threading.enumerate()):
+            pass
+        time.sleep(0.05)  # let it name itself
+        unwatch = watch_host_threads(lambda name, tid: seen.append((name, tid, threading.get_native_id())))
+        late_ids: list[int] = []
+        late = threading.Thread(
+            target=lambda: (name_host_thread("vcpu9"), late_ids.append(threading.get_native_id()))
+        )
+        late.start()
+        late.join()
+        unwatch()
+        after = threading.Thread(target=lambda: name_host_thread("vcpu10"))
+        after.start()
+        after.join()
+    finally:
+        release.set()
+        early.join()
+    names = [name for name, _, _ in seen]
+    assert "io:early" in names and "vcpu9" in names and "vcpu10" not in names
+    (late_call,) = [call for call in seen if call[0] == "vcpu9"]
+    assert late_call[1] == late_call[2] == late_ids[0]  # called on the new thread, with its own id

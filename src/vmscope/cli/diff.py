@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vmscope.errors import ConfigError
+from vmscope.errors import ConfigError, VmscopeError
 from vmscope.profiler.options import ORIGIN_CHOICES
 
 EPILOG = """\
@@ -15,6 +15,7 @@ Shares are compared, so runs of different length compare fairly; deltas are perc
 examples:
   vmscope diff before.vmprof after.vmprof
   vmscope diff before.vmprof after.vmprof --vcpu 0 --limit 10
+  vmscope diff before.vmprof after.vmprof --format html -o diff.html
 """
 
 
@@ -36,18 +37,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="samples compared for functions (default timer)",
     )
     parser.add_argument("--limit", type=int, default=20, metavar="N", help="rows per table (default 20)")
+    parser.add_argument("--format", choices=("text", "html"), default="text", help="output format")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here instead of stdout")
     parser.set_defaults(func=run_diff)
 
 
 def run_diff(args: argparse.Namespace) -> int:
     from vmscope.profiler import profile_file
     from vmscope.profiler.diff import render_diff
+    from vmscope.profiler.export.diff_html import export_diff_html
     from vmscope.profiler.report import make_console
 
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")
     a = profile_file.load(args.a)
     b = profile_file.load(args.b)
+    if args.format == "html":
+        page = export_diff_html(a, b, str(args.a), str(args.b), args.limit, args.origin, args.vcpu)
+        if args.output is None:
+            print(page, end="")
+            return 0
+        try:
+            args.output.write_text(page, encoding="utf-8")
+        except OSError as error:
+            raise VmscopeError(f"{args.output}: cannot write: {error.strerror or error}") from None
+        return 0
     render_diff(
         a,
         b,

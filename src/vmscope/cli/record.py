@@ -12,6 +12,7 @@ from vmscope.errors import ConfigError
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 
 if TYPE_CHECKING:
+    from vmscope.profiler.counters import CounterSession
     from vmscope.vmm.machine import Machine
 
 EPILOG = f"""\
@@ -44,14 +45,33 @@ def merge_run_arguments(args: argparse.Namespace, parser_prog: str) -> argparse.
     return args
 
 
+def add_events_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--events", default="default", metavar="LIST",
+        help="host perf counters per vCPU/I-O thread, comma-separated: task-clock, context-switches, "
+        "cpu-migrations, page-faults, cycles, instructions, llc-misses, branch-misses (hardware ones "
+        "as NAME:guest / NAME:host, or both); default, software, hardware, none (default: default)",
+    )  # fmt: skip
+
+
+def counter_session(args: argparse.Namespace, poll_interval_s: float = 0.0) -> CounterSession:
+    """The counters ``--events`` asks for (unknown names are a usage error)."""
+    from vmscope.host.perf_events import parse_events
+    from vmscope.profiler.counters import CounterSession
+
+    return CounterSession(parse_events(args.events), poll_interval_s=poll_interval_s)
+
+
 def handle(args: argparse.Namespace) -> int:
     from vmscope.profiler import profile_file
+    from vmscope.profiler.counters import DEFAULT_POLL_INTERVAL_S
     from vmscope.profiler.recorder import ProfileRecorder
 
     args = merge_run_arguments(args, "vmscope record")
     output = Path(args.output)
     if output.parent and not output.parent.exists():
         raise ConfigError(f"-o {output}: directory {output.parent} does not exist")
+    counters = counter_session(args, DEFAULT_POLL_INTERVAL_S)
     machine = build_machine(args)
     try:
         recorder = ProfileRecorder(
@@ -64,13 +84,20 @@ def handle(args: argparse.Namespace) -> int:
         recorder.profile.metadata.command_line = ["vmscope", *sys.argv[1:]]
         recorder.profile.metadata.kernel_command_line = args.cmdline
         recorder.start()
-        result = run_with_control(machine, args)
+        counters.start(recorder.clock_origin_ns)
+        try:
+            result = run_with_control(machine, args)
+        finally:
+            counters.stop()
         profile = recorder.finish()
+        counters.fill(profile)
     finally:
         machine.close()
     profile.compact_symbols()
     profile_file.save(profile, output)
     report_result(result, args.quiet)
+    for note in profile.counter_notes:
+        print(f"vmscope: {note}", file=sys.stderr)
     if not args.quiet:
         print(
             f"vmscope: wrote {output}: {len(profile.samples)} samples, "
@@ -112,6 +139,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"time-sample rate per vCPU (default {DEFAULT_FREQUENCY_HZ:g}; 0 = exit samples only)",
     )  # fmt: skip
     parser.add_argument("--max-depth", type=int, default=64, metavar="N", help="deepest stack to unwind")
+    add_events_argument(parser)
     add_machine_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary lines")
     parser.add_argument("run_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

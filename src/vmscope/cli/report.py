@@ -75,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_report(args: argparse.Namespace) -> int:
     from vmscope.profiler import profile_file
+    from vmscope.profiler.counter_report import render_counters
     from vmscope.profiler.export import export_profile
     from vmscope.profiler.report import ReportOptions, make_console, render_report
     from vmscope.profiler.symbols import load_symbol_file
@@ -95,10 +96,14 @@ def run_report(args: argparse.Namespace) -> int:
             event=args.event, vcpu=args.vcpu, sort=args.sort, origin=args.origin, limit=args.limit
         )
         if args.output is None:
-            render_report(profile, make_console(), options)
+            console = make_console()
+            render_report(profile, console, options)
+            render_counters(profile, console, console.is_terminal)
             return 0
         with _open_text(args.output) as stream:
-            render_report(profile, make_console(stream), options)
+            console = make_console(stream)
+            render_report(profile, console, options)
+            render_counters(profile, console, console.is_terminal)
         return 0
     data = export_profile(profile, args.format, origin=args.origin, vcpu=args.vcpu, prefix=args.prefix)
     if args.output is None:

@@ -7,7 +7,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from vmscope.cli.record import merge_run_arguments
+from vmscope.cli.record import add_events_argument, counter_session, merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.options import EVENT_CLASSES, SORT_KEYS
 
@@ -20,6 +20,7 @@ examples:
   vmscope stat                                   exits of the bundled demo guest
   vmscope stat --event ioport --sort time        port I/O exits, most expensive first
   vmscope stat -i 1 -- --elf guest.elf           a table every second while it runs
+  vmscope stat --events task-clock,cycles        CPU time and guest/host cycles per vCPU and I/O thread
 """
 
 
@@ -35,9 +36,11 @@ def snapshot(machine: Machine) -> Profile:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope.profiler.counter_report import render_counters
     from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
 
     args = merge_run_arguments(args, "vmscope stat")
+    counters = counter_session(args)
     machine = build_machine(args)
     options = ReportOptions(event=args.event, vcpu=args.vcpu, sort=args.sort)
     console = make_console(sys.stdout)
@@ -52,11 +55,18 @@ def handle(args: argparse.Namespace) -> int:
         if args.interval:
             printer = threading.Thread(target=print_periodically, name="vmscope-stat", daemon=True)
             printer.start()
-        result = run_with_control(machine, args)
+        counters.start()
+        try:
+            result = run_with_control(machine, args)
+        finally:
+            counters.stop()
         stop_printing.set()
         if printer is not None:
             printer.join()
-        render_kvm_stat(snapshot(machine), console, options, console.is_terminal)
+        profile = snapshot(machine)
+        counters.fill(profile)
+        render_kvm_stat(profile, console, options, console.is_terminal)
+        render_counters(profile, console, console.is_terminal)
     finally:
         machine.close()
     report_result(result, args.quiet)
@@ -74,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--event", choices=EVENT_CLASSES, default="vmexit", help="event class")
     parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
     parser.add_argument("--sort", choices=SORT_KEYS, default="samples", help="sort order")
+    add_events_argument(parser)
     parser.add_argument("-i", "--interval", type=float, metavar="SECONDS", help="also print every SECONDS")
     add_machine_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")

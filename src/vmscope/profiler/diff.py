@@ -1,7 +1,9 @@
 """``vmscope diff A B``: which functions and which exits changed their share between two profiles.
 
 Shares are compared, not absolute numbers, so runs of different length compare fairly. Deltas are
-percentage points (B minus A), rows sorted by the largest absolute delta.
+percentage points (B minus A), rows sorted by the largest absolute delta. For runs of the same work
+(one workload built two ways) absolute time matters too: :func:`function_time_changes` estimates
+each function's self time as its share of samples times the run's vCPU time, and the total.
 """
 
 from __future__ import annotations
@@ -70,6 +72,60 @@ def function_changes(
         return {s.name: (s.self_pct, s.total_pct) for s in top_functions(samples, namer)}
 
     return _merge(shares(a), shares(b))
+
+
+@dataclass(slots=True)
+class TimeChange:
+    """Estimated time of one item (or the total) in A and B, in ns."""
+
+    name: str
+    a_ns: float
+    b_ns: float
+
+    @property
+    def delta_ns(self) -> float:
+        return self.b_ns - self.a_ns
+
+    @property
+    def delta_pct(self) -> float | None:
+        """Change relative to A; None where A had none."""
+        return 100.0 * self.delta_ns / self.a_ns if self.a_ns else None
+
+
+def vcpu_time_ns(profile: Profile, vcpu: int | None = None) -> float:
+    """Run duration times the vCPUs looked at: the time the samples are a share of."""
+    return float(profile.metadata.duration_ns * (1 if vcpu is not None else max(1, profile.metadata.cpus)))
+
+
+def function_time_changes(
+    a: Profile, b: Profile, origin: str = "timer", vcpu: int | None = None
+) -> tuple[list[TimeChange], TimeChange]:
+    """Per function: self share x vCPU time in A and B, sorted by |delta|; and the totals."""
+
+    def times(profile: Profile) -> dict[str, float]:
+        samples = select_samples(profile, vcpu, origin)
+        namer = FrameNamer(profile.symbolizer())
+        scale = vcpu_time_ns(profile, vcpu) / 100.0
+        return {s.name: s.self_pct * scale for s in top_functions(samples, namer)}
+
+    a_times, b_times = times(a), times(b)
+    changes = [
+        TimeChange(name, a_times.get(name, 0.0), b_times.get(name, 0.0))
+        for name in a_times.keys() | b_times.keys()
+    ]
+    changes.sort(key=lambda c: (-abs(c.delta_ns), c.name))
+    return changes, TimeChange("total", vcpu_time_ns(a, vcpu), vcpu_time_ns(b, vcpu))
+
+
+def format_time_delta(change: TimeChange) -> tuple[str, str, str, str]:
+    """A ms, B ms, delta ms, delta % as table cells."""
+    relative = change.delta_pct
+    return (
+        f"{change.a_ns / 1e6:.2f}",
+        f"{change.b_ns / 1e6:.2f}",
+        f"{change.delta_ns / 1e6:+.2f}",
+        "-" if relative is None else f"{relative:+.1f}%",
+    )
 
 
 def exit_changes(a: Profile, b: Profile, vcpu: int | None = None) -> list[ShareChange]:
@@ -152,6 +208,27 @@ def render_diff(
         if len(changed) > limit:
             console.print(Text(f"... {len(changed) - limit} more"))
         console.print()
+    render_time_changes(a, b, console, limit, origin, vcpu)
+
+
+def render_time_changes(
+    a: Profile, b: Profile, console: Console, limit: int = 20, origin: str = "timer", vcpu: int | None = None
+) -> None:
+    """Estimated self time per function (share x vCPU time) in A and B, and the total."""
+    changes, total = function_time_changes(a, b, origin, vcpu)
+    if not changes:
+        return
+    table = make_table(
+        "Functions: estimated self time (self share x vCPU time), sorted by |delta|", console.is_terminal
+    )
+    table.add_column("Name", overflow="fold")
+    for column in ("A ms", "B ms", "Delta ms", "Delta %"):
+        table.add_column(column, justify="right")
+    for change in changes[:limit]:
+        table.add_row(change.name, *format_time_delta(change))
+    table.add_row("total (run time)", *format_time_delta(total))
+    console.print(table)
+    console.print()
 
 
 def diff_text(a: Profile, b: Profile, a_name: str = "A", b_name: str = "B", limit: int = 20) -> str:

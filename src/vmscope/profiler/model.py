@@ -18,6 +18,9 @@ Filling it (the recorder side)
 * Unhandled port/MMIO accesses: ``profile.record_unclaimed("pio"|"mmio", address, size, is_write,
   count=1)``.
 * KVM binary stats at the end: ``profile.kvm_stats["vm"] = {...}``, ``["vcpu0"] = {...}``.
+* Host perf counters per thread (:mod:`vmscope.profiler.counters`): ``profile.counters`` (final
+  values per "vcpuN"/"io:..." thread), ``profile.counter_series`` (cumulative values over time for
+  the timeline) and ``profile.counter_notes`` (one line per counter that could not be opened).
 * Symbols: append :class:`~vmscope.profiler.symbols.SymbolTable` objects (from
   :mod:`vmscope.profiler.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
   profile file so reports symbolize on any machine. Call :meth:`Profile.compact_symbols` before
@@ -184,6 +187,30 @@ class UnclaimedAccess:
         return f"{kind} {self.address:#x} {direction}{size}"
 
 
+@dataclass(slots=True)
+class ThreadCounters:
+    """Host perf counter totals of one vmscope thread ("vcpu0", "io:virtio-blk0").
+
+    ``values`` maps event names ("task-clock" in ns, "cycles:guest", "cycles:host", ...) to
+    counts; ``wall_ns`` is how long the counters were open (thread start to the end of the run).
+    """
+
+    thread: str
+    tid: int
+    values: dict[str, int]
+    wall_ns: int = 0
+
+
+@dataclass(slots=True)
+class CounterSeries:
+    """One counter of one thread over time: cumulative ``values`` at ``times_ns`` (since run start)."""
+
+    thread: str
+    event: str
+    times_ns: list[int] = field(default_factory=list)
+    values: list[int] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class Profile:
     """Everything one run recorded; see the module docstring for how to fill it."""
@@ -198,6 +225,10 @@ class Profile:
     #: KVM binary stats: "vm" and "vcpuN" -> stat name -> value
     kvm_stats: dict[str, dict[str, KvmStatValue]] = field(default_factory=dict)
     symbol_tables: list[SymbolTable] = field(default_factory=list)
+    #: host perf counters per vCPU / I/O thread, their time series, and why some could not be opened
+    counters: list[ThreadCounters] = field(default_factory=list)
+    counter_series: list[CounterSeries] = field(default_factory=list)
+    counter_notes: list[str] = field(default_factory=list)
 
     _exit_index: dict[tuple[int, str, str, str | None], ExitStat] = field(
         default_factory=dict, init=False, repr=False
@@ -355,6 +386,22 @@ class Profile:
             ],
             "kvm_stats": {owner: dict(values) for owner, values in self.kvm_stats.items()},
             "symbol_tables": [table.to_dict() for table in self.symbol_tables],
+            "counters": {
+                "threads": [
+                    {"thread": c.thread, "tid": c.tid, "values": dict(c.values), "wall_ns": c.wall_ns}
+                    for c in self.counters
+                ],
+                "series": [
+                    {
+                        "thread": s.thread,
+                        "event": s.event,
+                        "times_ns": list(s.times_ns),
+                        "values": list(s.values),
+                    }
+                    for s in self.counter_series
+                ],
+                "notes": list(self.counter_notes),
+            },
         }
 
     @classmethod
@@ -406,6 +453,9 @@ class Profile:
                 }
             part = "symbol_tables"
             profile.symbol_tables = [SymbolTable.from_dict(item) for item in data["symbol_tables"]]
+            part = "counters"
+            # profiles written before counters existed have no "counters" part
+            _counters_from_dict(profile, data.get("counters", {}))
         except VmscopeError as error:
             raise VmscopeError(f"profile {part}: {error}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
@@ -534,3 +584,29 @@ def _spans_from_dict(data: Any) -> list[Span]:
             )
         )
     return spans
+
+
+def _counters_from_dict(profile: Profile, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise VmscopeError("not an object")
+    for item in data.get("threads", []):
+        values = item["values"]
+        if not isinstance(values, dict):
+            raise VmscopeError("values is not an object")
+        profile.counters.append(
+            ThreadCounters(
+                thread=_str(item["thread"], "thread"),
+                tid=_uint(item["tid"], "tid"),
+                values={_str(name, "event"): _uint(value, "count") for name, value in values.items()},
+                wall_ns=_uint(item.get("wall_ns", 0), "wall_ns"),
+            )
+        )
+    for item in data.get("series", []):
+        times = [_int(t, "time_ns") for t in item["times_ns"]]
+        values = [_uint(v, "count") for v in item["values"]]
+        if len(times) != len(values):
+            raise VmscopeError("series times and values differ in length")
+        profile.counter_series.append(
+            CounterSeries(_str(item["thread"], "thread"), _str(item["event"], "event"), times, values)
+        )
+    profile.counter_notes = [_str(line, "note") for line in data.get("notes", [])]

@@ -141,6 +141,11 @@ class ProfileRecorder:
         self._fill_statistics()
         return self.profile
 
+    @property
+    def clock_origin_ns(self) -> int:
+        """The perf_counter_ns value that profile times count from (set by :meth:`start`)."""
+        return self._t0
+
     # -- sampling ---------------------------------------------------------------------------
 
     def _now(self) -> int:

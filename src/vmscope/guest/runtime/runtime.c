@@ -22,6 +22,16 @@
 
 #define CMDLINE_MAX 4096
 
+/* A fixed canary: random values need an entropy source and would have to be set before the first
+ * protected function runs. The zero low byte stops string overflows (the "terminator canary"). */
+uintptr_t __stack_chk_guard = 0x5eca1d0c0ffe2b00ul;
+
+void __stack_chk_fail(void)
+{
+    printf("stack smashing detected (canary overwritten), return address %p\n", __builtin_return_address(0));
+    debug_exit(RUNTIME_EXIT_STACK_SMASH);
+}
+
 /* From entry.S */
 extern uint64_t runtime_start_info_paddr;
 extern uint64_t gdt_tss_descriptor[2];

@@ -24,6 +24,7 @@
 /* ---- exit values the runtime itself uses (process exit status = (value << 1) | 1) ---- */
 #define RUNTIME_EXIT_EXCEPTION 0x7e   /* unexpected CPU exception: status 253 */
 #define RUNTIME_EXIT_BAD_START 0x7d   /* start info missing or bad magic: status 251 */
+#define RUNTIME_EXIT_STACK_SMASH 0x7c /* a stack canary was overwritten: status 249 */
 
 /* ---- PVH start info (Xen public/arch-x86/hvm/start_info.h) ---- */
 #define HVM_START_MAGIC 0x336ec578u
@@ -230,6 +231,14 @@ int lapic_enable(void);
 /* Send an IPI (icr_low: vector, delivery mode, shorthand...) and wait for its delivery-status bit
  * to clear. Returns 0, or -1 when it stayed pending for 100000 polls. */
 int lapic_send_ipi(uint8_t destination, uint32_t icr_low);
+
+/* ---- stack protector ----
+ * For guests built with -fstack-protector-* and -mstack-protector-guard=global: the canary
+ * every protected function copies into its frame, and what a mismatch calls (prints the
+ * caller's address, ends the run with RUNTIME_EXIT_STACK_SMASH). The default TLS guard
+ * (%fs:0x28) is not set up: the runtime has no thread-local storage. */
+extern uintptr_t __stack_chk_guard;
+__attribute__((noreturn)) void __stack_chk_fail(void);
 
 /* ---- provided by the guest ---- */
 int guest_main(const char *cmdline);

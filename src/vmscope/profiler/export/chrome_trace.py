@@ -3,6 +3,8 @@
 One process ("vmscope: <guest>") with one thread track per span track: vCPU threads first
 ("vcpu0", "vcpu1", ...), then I/O threads and others by name. Spans become "X" complete events;
 timestamps are microseconds since the start of the run (fractions keep ns precision).
+Host perf counters become counter tracks ("C" events) named "<thread> <event>": task-clock as the
+thread's busy percentage per interval, other counters as the count per interval.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def chrome_trace_document(profile: Profile) -> dict[str, Any]:
         if span.args:
             event["args"] = dict(span.args)
         events.append(event)
+    events.extend(counter_events(profile))
     meta = profile.metadata
     return {
         "traceEvents": events,
@@ -85,6 +88,25 @@ def chrome_trace_document(profile: Profile) -> dict[str, Any]:
             "start_time_ns": str(meta.start_time_ns),
         },
     }
+
+
+def counter_events(profile: Profile) -> list[dict[str, Any]]:
+    """One "C" event per counter series point: the change since the previous point."""
+    events: list[dict[str, Any]] = []
+    for series in profile.counter_series:
+        name = f"{series.thread} {series.event}"
+        previous_time, previous_value = 0, 0
+        for time_ns, value in zip(series.times_ns, series.values, strict=True):
+            delta = value - previous_value
+            if series.event == "task-clock":
+                interval = time_ns - previous_time
+                busy = round(100.0 * delta / interval, 2) if interval > 0 else 0.0
+                shown: dict[str, float] = {"busy%": busy}
+            else:
+                shown = {"per interval": float(delta)}
+            events.append({"ph": "C", "name": name, "pid": PROCESS_ID, "ts": time_ns / 1000, "args": shown})
+            previous_time, previous_value = time_ns, value
+    return events
 
 
 def export_chrome_trace(profile: Profile) -> str:

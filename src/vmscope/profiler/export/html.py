@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from vmscope.profiler.counter_report import counter_table
 from vmscope.profiler.model import IO_PART_NAMES, Profile
 from vmscope.profiler.report import (
     FrameNamer,
@@ -422,6 +423,15 @@ _SCRIPT = r"""
 """
 
 
+def _counter_section(profile: Profile) -> str:
+    """Host perf counters per vCPU / I/O thread, and why some could not be opened."""
+    if not profile.counters and not profile.counter_notes:
+        return ""
+    headers, rows = counter_table(profile)
+    notes = "".join(f"<p class=meta>note: {html.escape(note)}</p>" for note in profile.counter_notes)
+    return f"<h2>Host counters</h2>{_table('Per thread (perf_event_open)', headers, rows)}{notes}"
+
+
 def export_html(profile: Profile) -> str:
     namer = FrameNamer(profile.symbolizer())
     data = {"flames": _flames(profile, namer), "timeline": _timeline(profile)}
@@ -445,6 +455,7 @@ def export_html(profile: Profile) -> str:
 <div id="flame-info"></div>
 <h2>Exits and functions</h2>
 {_tables(profile, namer)}
+{_counter_section(profile)}
 <h2>Timeline</h2>
 <div id="timeline"></div>
 <div id="timeline-info"></div>

@@ -1,0 +1,1 @@
+"""Host-side facilities that are not KVM: Linux perf events on vmscope's own threads."""
