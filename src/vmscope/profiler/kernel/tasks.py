@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmscope.errors import KernelTableError
-from vmscope.profiler.kernel.btf import Btf, Kind
+from vmscope.profiler.kernel.btf import Btf
 from vmscope.profiler.kernel.kallsyms import Kallsyms
 from vmscope.profiler.model import TaskInfo
 
@@ -64,10 +64,6 @@ def _percpu_offset(kallsyms: Kallsyms, name: str) -> int | None:
         start = kallsyms.address_of("__per_cpu_start") or 0
         return address - start if start and address >= start else None
     return address
-
-
-def has_struct(btf: Btf, name: str) -> bool:
-    return btf.find(name, Kind.STRUCT) is not None
 
 
 class TaskNamer:
