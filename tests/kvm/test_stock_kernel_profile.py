@@ -1,5 +1,5 @@
 """Debian's cloud kernel recorded through early boot with nothing but its image: every kernel sample
-named from the image's own kallsyms, ORC stacks that reach start_kernel."""
+named from the image's own kallsyms, ORC stacks that reach start_kernel, and the task that ran."""
 
 from __future__ import annotations
 
@@ -48,3 +48,14 @@ def test_early_boot_profile_names_kernel_functions_and_reaches_start_kernel(vmli
     assert profile.metadata.extra["kernel_slide"] == "0x0"  # PVH boot skips the decompressor's KASLR
     # until the kernel installs its IDT the slide is unknown and frame pointers stand in
     assert int(profile.metadata.extra.get("stacks.orc", "0")) >= 0.5 * len(kernel_samples)
+    # who was running: early boot is init_task, pid 0, called "swapper" until sched_init names it
+    # "swapper/0"; kernel threads, if the boot gets to them in the window, carry their own names
+    tasks = [s.task for s in kernel_samples if s.task is not None]
+    assert len(tasks) >= 0.9 * len(kernel_samples)
+    idle = [t for t in tasks if t.pid == 0]
+    assert len(idle) >= 0.5 * len(tasks)
+    assert {t.comm for t in idle} <= {"swapper", "swapper/0"}
+    for task in tasks:
+        assert task.pid == 0 or (task.comm and task.comm not in ("swapper", "swapper/0")), task
+    assert int(profile.metadata.extra["tasks.msr_reads"]) <= 8  # the GS base comes with the sync registers
+    assert {s.unwinder for s in kernel_samples} <= {"orc", "fp", "orc+fp", "orc+cfi"}

@@ -22,6 +22,7 @@ self-contained page with flame graphs, exit tables and a timeline).
 examples:
   vmscope report run.vmprof                          top functions, exits by cause, exit events
   vmscope report run.vmprof --event ioport --vcpu 0 --sort time
+  vmscope report run.vmprof --sort comm,sym           functions per guest process (stock kernels)
   vmscope report run.vmprof --format html -o run.html
   vmscope report run.vmprof --format folded --prefix vcpu | flamegraph.pl > run.svg
   vmscope report run.vmprof --symbols vmlinux --format pprof -o run.pb.gz
@@ -47,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
     parser.add_argument(
-        "--sort", choices=SORT_KEYS, default="samples", help="order of the exit table (default samples)"
+        "--sort",
+        choices=SORT_KEYS,
+        default="samples",
+        help="order of the exit table (default samples); comm,sym adds functions grouped by guest process",
     )
     parser.add_argument(
         "--origin",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from vmscope.cli.record import add_events_argument, counter_session, merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
-from vmscope.profiler.options import EVENT_CLASSES, SORT_KEYS
+from vmscope.profiler.options import EVENT_CLASSES, EXIT_SORT_KEYS
 
 if TYPE_CHECKING:  # imported by the handlers: --help must not load the machine
     from vmscope.profiler.model import Profile
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--event", choices=EVENT_CLASSES, default="vmexit", help="event class")
     parser.add_argument("--vcpu", type=int, metavar="N", help="only this vCPU")
-    parser.add_argument("--sort", choices=SORT_KEYS, default="samples", help="sort order")
+    parser.add_argument("--sort", choices=EXIT_SORT_KEYS, default="samples", help="sort order")
     add_events_argument(parser)
     parser.add_argument("-i", "--interval", type=float, metavar="SECONDS", help="also print every SECONDS")
     add_machine_arguments(parser)

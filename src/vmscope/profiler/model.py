@@ -120,13 +120,30 @@ def exit_label(reason: str, detail: str | None) -> str:
     return f"{reason} {detail}" if detail else reason
 
 
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """The guest task a sample ran for: its command name, thread id (pid) and process id (tgid).
+    The idle task of CPU n is ``swapper/n`` with pid 0."""
+
+    comm: str
+    pid: int
+    tgid: int
+
+    @property
+    def label(self) -> str:
+        """``comm (pid)``: the process frame of flame graphs and the timeline's task names."""
+        return f"{self.comm} ({self.pid})"
+
+
 @dataclass(slots=True)
 class Sample:
     """One guest stack sample.
 
     ``stack`` holds return addresses leaf first, ``stack[0] == ip``. ``origin`` is "timer" for
     periodic samples and "exit" for samples taken at a VM exit, which then carry the exit's
-    ``exit_reason``/``exit_detail``.
+    ``exit_reason``/``exit_detail``. ``task`` is the guest task that was running, when the kernel's
+    tables told (stock kernels); ``unwinder`` names the unwinder that produced ``stack``
+    ("orc", "cfi", "fp", "orc+fp", ...), None in profiles recorded before it was kept.
     """
 
     vcpu: int
@@ -138,6 +155,8 @@ class Sample:
     origin: str = ORIGIN_TIMER
     exit_reason: str | None = None
     exit_detail: str | None = None
+    task: TaskInfo | None = None
+    unwinder: str | None = None
 
     @property
     def frames(self) -> tuple[int, ...]:
@@ -320,8 +339,11 @@ class Profile:
         """JSON-ready form; samples and spans are stored column-wise with interned stacks/strings."""
         stacks: dict[tuple[int, ...], int] = {}
         exit_keys: dict[tuple[str, str], int] = {}
+        tasks: dict[TaskInfo, int] = {}
+        unwinders: dict[str, int] = {}
         columns: dict[str, list[Any]] = {
-            "vcpu": [], "time_ns": [], "cpl": [], "cr3": [], "stack": [], "origin": [], "exit": []
+            "vcpu": [], "time_ns": [], "cpl": [], "cr3": [], "stack": [], "origin": [], "exit": [],
+            "task": [], "unwinder": [],
         }  # fmt: skip
         for sample in self.samples:
             columns["vcpu"].append(sample.vcpu)
@@ -332,6 +354,11 @@ class Profile:
             columns["origin"].append(sample.origin)
             key = sample.exit_key
             columns["exit"].append(-1 if key is None else exit_keys.setdefault(key, len(exit_keys)))
+            task = sample.task
+            columns["task"].append(-1 if task is None else tasks.setdefault(task, len(tasks)))
+            unwinder = sample.unwinder
+            unwinder_index = -1 if unwinder is None else unwinders.setdefault(unwinder, len(unwinders))
+            columns["unwinder"].append(unwinder_index)
         strings: dict[str, int] = {}
         span_columns: dict[str, list[Any]] = {"track": [], "name": [], "start_ns": [], "end_ns": []}
         span_args: dict[str, dict[str, SpanArgValue]] = {}
@@ -372,6 +399,8 @@ class Profile:
                 **columns,
                 "stacks": [list(stack) for stack in stacks],
                 "exit_keys": [list(key) for key in exit_keys],
+                "tasks": [[task.comm, task.pid, task.tgid] for task in tasks],
+                "unwinders": list(unwinders),
             },
             "spans": {**span_columns, "strings": list(strings), "args": span_args},
             "unclaimed": [
@@ -532,13 +561,23 @@ def _samples_from_dict(data: Any) -> list[Sample]:
     exit_keys = [
         (_str(reason, "exit reason"), _str(detail, "exit detail")) for reason, detail in data["exit_keys"]
     ]
+    # tasks and unwinders came later: files without them load with None in each sample
+    tasks = [
+        TaskInfo(_str(comm, "task comm"), _uint(pid, "task pid"), _uint(tgid, "task tgid"))
+        for comm, pid, tgid in data.get("tasks", [])
+    ]
+    unwinders = [_str(name, "unwinder") for name in data.get("unwinders", [])]
     names = ("vcpu", "time_ns", "cpl", "cr3", "stack", "origin", "exit")
     columns = [data[name] for name in names]
     length = len(columns[0])
+    columns.append(data.get("task", [-1] * length))
+    columns.append(data.get("unwinder", [-1] * length))
     if any(len(column) != length for column in columns):
         raise VmscopeError("sample columns differ in length")
     samples = []
-    for vcpu, time_ns, cpl, cr3, stack_index, origin, exit_index in zip(*columns, strict=True):
+    for vcpu, time_ns, cpl, cr3, stack_index, origin, exit_index, task_index, unwinder_index in zip(
+        *columns, strict=True
+    ):
         if origin not in ORIGINS:
             raise VmscopeError(f"origin {origin!r} is not one of {ORIGINS}")
         stack = stacks[_uint(stack_index, "stack index")]
@@ -554,6 +593,8 @@ def _samples_from_dict(data: Any) -> list[Sample]:
                 origin=origin,
                 exit_reason=None if exit_key is None else exit_key[0],
                 exit_detail=None if exit_key is None else exit_key[1],
+                task=None if _int(task_index, "task index") < 0 else tasks[task_index],
+                unwinder=None if _int(unwinder_index, "unwinder index") < 0 else unwinders[unwinder_index],
             )
         )
     return samples

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 #: what ``report``/``stat`` --event selects
 EVENT_CLASSES = ("vmexit", "ioport", "mmio")
-SORT_KEYS = ("samples", "time")
+EXIT_SORT_KEYS = ("samples", "time")
+#: report also groups functions by guest process (perf report --sort comm,sym)
+SORT_KEYS = (*EXIT_SORT_KEYS, "comm,sym")
 #: which samples a report uses: time samples (kicks), exit samples, or both
 ORIGIN_CHOICES = ("timer", "exit", "all")
 DEFAULT_FREQUENCY_HZ = 99.0  # off a round number so it does not beat with guest timers

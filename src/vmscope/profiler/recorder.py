@@ -21,14 +21,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmscope.errors import VmscopeError
+from vmscope.errors import GuestMemoryError, VmscopeError
 from vmscope.host_thread import name_host_thread
-from vmscope.memory.paging import PagingMode
-from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
+from vmscope.memory.paging import PagingMode, read_virtual
+from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, TaskInfo
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwinders.base import Registers
@@ -39,11 +39,16 @@ from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.runner import VcpuRunner
 
 if TYPE_CHECKING:
+    from vmscope.kvm.vcpu import Vcpu
     from vmscope.profiler.kernel.context import KernelProfileInfo
+    from vmscope.profiler.kernel.modules import ModuleTracker
+    from vmscope.profiler.kernel.per_vcpu import VcpuKernelState
     from vmscope.vmm.machine import Machine
 
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
 DEFAULT_MAX_SPANS = 50_000
+_KERNEL_HALF = 0xFFFF_8000_0000_0000
+_PTI_USER_PGD = 0x1000
 
 
 @dataclass
@@ -60,6 +65,8 @@ class _VcpuState:
     kick_samples: int = 0
     #: "unwinder" and "unwinder: stop reason" -> stacks, for the report's stack-quality lines
     unwind_counts: dict[str, int] = field(default_factory=dict)
+    #: the current task's lookup state (stock kernels with BTF only)
+    kernel: VcpuKernelState | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -105,6 +112,10 @@ class ProfileRecorder:
                 self.kernel = KernelProfileInfo.load(kernel_image)
             except VmscopeError as error:  # not a Linux image with kallsyms: profile without them
                 self.kernel_problem = str(error)
+        self.modules: ModuleTracker | None = None
+        if self.kernel is not None:
+            self._attach_kernel_state(self.kernel)
+        self._modules_lock = threading.Lock()
         self._hook: ExitHook | None = None
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
@@ -174,7 +185,69 @@ class ProfileRecorder:
         counts[result.unwinder] = counts.get(result.unwinder, 0) + 1
         stop_key = f"{result.unwinder}: {result.stop}"
         counts[stop_key] = counts.get(stop_key, 0) + 1
-        return Sample(vcpu.id, time_ns, ip, cpl, sregs.cr3, result.frames, origin, reason, detail)
+        task = None
+        if state.kernel is not None and wide and mode.long_mode:
+            task = self._kernel_side(state, state.kernel, mode, cpl, sregs.gs.base, ip)
+        return Sample(
+            vcpu.id, time_ns, ip, cpl, sregs.cr3, result.frames, origin, reason, detail, task, result.unwinder
+        )
+
+    def _attach_kernel_state(self, kernel: KernelProfileInfo) -> None:
+        """Task naming (needs BTF) and module tracking for a stock kernel's samples."""
+        from vmscope.profiler.kernel.modules import ModuleLayout, ModuleTracker
+        from vmscope.profiler.kernel.per_vcpu import MSR_KERNEL_GS_BASE, VcpuKernelState
+        from vmscope.profiler.kernel.tasks import TaskNamer
+
+        if kernel.btf is not None:
+            try:
+                self.modules = ModuleTracker(ModuleLayout.from_kernel(kernel.kallsyms, kernel.btf))
+            except VmscopeError as error:
+                self.kernel_problem = str(error)
+        if kernel.tasks is None:
+            return
+        namer = TaskNamer(kernel.tasks)
+        for runner in self.machine.runners:
+
+            def read_msr(vcpu: Vcpu = runner.vcpu) -> int | None:
+                try:
+                    return vcpu.get_msrs([MSR_KERNEL_GS_BASE]).get(MSR_KERNEL_GS_BASE)
+                except VmscopeError:
+                    return None
+
+            self._states[runner.vcpu.id].kernel = VcpuKernelState(namer, read_msr)
+
+    def _kernel_side(
+        self, state: _VcpuState, kernel: VcpuKernelState, mode: PagingMode, cpl: int, gs_base: int, ip: int
+    ) -> TaskInfo | None:
+        """The running task, and (lazily) the modules when ``ip`` is kernel code outside the image."""
+        walker = state.unwinder.frame_pointers
+
+        def read(address: int) -> int | None:
+            return walker.read_word(mode, address, 8)
+
+        kernel_read = None
+        if cpl == 3 and mode.cr3 & _PTI_USER_PGD:
+            # page-table isolation: the user PGD (kernel PGD + 4 KiB) maps no per-CPU data
+            kernel_mode = replace(mode, cr3=mode.cr3 & ~(_PTI_USER_PGD | 0xFFF))
+
+            def kernel_read(address: int) -> int | None:
+                return walker.read_word(kernel_mode, address, 8)
+
+        task = kernel.current_task(cpl, gs_base, read, kernel_read)
+        tracker = self.modules
+        if tracker is not None and cpl == 0 and ip >= _KERNEL_HALF and self.kernel is not None:
+            slide = self.kernel.slide
+            if slide is not None and not self.kernel.covers_text(ip):
+
+                def read_bytes(address: int, length: int) -> bytes | None:
+                    try:
+                        return read_virtual(self.machine.memory, mode, address, length)
+                    except GuestMemoryError:
+                        return None
+
+                with self._modules_lock:
+                    tracker.note(ip, read, read_bytes, slide)
+        return task
 
     def _find_slide(self, runner: VcpuRunner, mode: PagingMode, idt_base: int) -> None:
         """Look for the KASLR slide on a few samples, then every 64th (it needs an MSR ioctl)."""
@@ -227,6 +300,8 @@ class ProfileRecorder:
                         sample.cr3,
                         sample.stack,
                         ORIGIN_TIMER,
+                        task=sample.task,
+                        unwinder=sample.unwinder,
                     )
                 )
         if state.spans < self.max_spans_per_vcpu:
@@ -296,12 +371,15 @@ class ProfileRecorder:
         if self.kernel is not None:
             slide = self.kernel.slide
             meta.extra["kernel_slide"] = "not found" if slide is None else f"{slide:#x}"
+            self._task_statistics(self.kernel)
         fill_exit_statistics(profile, machine)
         self._add_boot_markers()
         self._add_io_requests()
         symbol_paths = list(self.symbol_files)
         if self.kernel is not None and not symbol_paths:
             profile.symbol_tables.append(self.kernel.symbol_table())  # --symbols overrides kallsyms
+        if self.modules is not None:
+            profile.symbol_tables.extend(self.modules.symbol_tables())
         elif machine.guest is not None and machine.guest.symbol_file is not None and self.kernel is None:
             symbol_paths.insert(0, machine.guest.symbol_file)
         seen: set[str] = set()
@@ -310,6 +388,22 @@ class ProfileRecorder:
                 continue
             seen.add(str(path))
             profile.symbol_tables.extend(load_symbol_file(path))
+
+    def _task_statistics(self, kernel: KernelProfileInfo) -> None:
+        """How task naming went (counts and cost), for the report and the benchmark."""
+        extra = self.profile.metadata.extra
+        if kernel.task_problem:
+            extra["tasks"] = f"not named: {kernel.task_problem}"
+        states = [state.kernel for state in self._states.values() if state.kernel is not None]
+        lookups = sum(state.lookups for state in states)
+        if lookups:
+            extra["tasks.lookups"] = str(lookups)
+            extra["tasks.named"] = str(sum(state.named for state in states))
+            extra["tasks.msr_reads"] = str(sum(state.msr_reads for state in states))
+            extra["tasks.lookup_us_mean"] = f"{sum(state.lookup_ns for state in states) / lookups / 1000:.2f}"
+        if self.modules is not None and self.modules.scans:
+            extra["modules.scans"] = str(self.modules.scans)
+            extra["modules.found"] = str(len(self.modules.modules))
 
     def _add_boot_markers(self) -> None:
         """POST codes the guest wrote to port 0x80 become instants on a "port80" timeline track."""

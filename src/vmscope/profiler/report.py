@@ -24,6 +24,7 @@ from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Pro
 from vmscope.profiler.options import EVENT_CLASSES, ORIGIN_CHOICES, SORT_KEYS
 from vmscope.profiler.stack_quality import stack_quality_line
 from vmscope.profiler.symbols import Symbolizer, address_space
+from vmscope.profiler.tasks_view import comm_symbol_rows
 
 #: exit reasons whose ``detail`` is the ioport / mmio event name
 _EVENT_REASON = {"ioport": "IO", "mmio": "MMIO"}
@@ -104,6 +105,8 @@ def aggregate_stacks(
             names.insert(0, f"vcpu{sample.vcpu}")
         elif prefix == "cpl":
             names.insert(0, address_space(sample.ip, sample.cpl))
+        if sample.task is not None:  # the process is the root frame when the kernel told us
+            names.insert(0, sample.task.label)
         if annotate_exits:
             exit_name = exit_frame_name(sample)
             if exit_name is not None:
@@ -332,7 +335,7 @@ def kvm_stat_events(
                 histogram=histogram,
             )
         )
-    if sort == "samples":
+    if sort != "time":  # "comm,sym" orders the function table; exits stay by samples
         rows.sort(key=lambda r: (-r.samples, -r.total_ns, r.event))
     else:
         rows.sort(key=lambda r: (-r.total_ns, -r.samples, r.event))
@@ -464,6 +467,8 @@ def render_report(profile: Profile, console: Console, options: ReportOptions | N
     console.print()
     render_vcpu_times(profile, console, options.vcpu, terminal)
     render_top_functions(profile, console, namer, options, terminal)
+    if options.sort == "comm,sym":
+        render_comm_symbols(profile, console, namer, options, terminal)
     render_exit_causes(profile, console, namer, options, terminal)
     render_kvm_stat(profile, console, options, terminal)
     render_io_latency(profile, console, terminal)
@@ -539,6 +544,21 @@ def render_top_functions(
             stat.module or "-",
             stat.space,
         )
+    console.print(table)
+    console.print()
+
+
+def render_comm_symbols(
+    profile: Profile, console: Console, namer: FrameNamer, options: ReportOptions, terminal: bool
+) -> None:
+    samples = select_samples(profile, options.vcpu, options.origin)
+    table = make_table(f"Functions by process ({len(samples)} samples, perf --sort comm,sym)", terminal)
+    table.add_column("Overhead", justify="right")
+    table.add_column("Samples", justify="right")
+    table.add_column("Command")
+    table.add_column("Symbol", overflow="fold")
+    for row in comm_symbol_rows(samples, namer.name)[: options.limit]:
+        table.add_row(format_pct(row.pct), str(row.samples), row.comm, row.symbol)
     console.print(table)
     console.print()
 

@@ -15,15 +15,18 @@ import re
 from typing import Any
 
 from vmscope.profiler.model import Profile
+from vmscope.profiler.tasks_view import TASK_TRACK_PREFIX, task_spans
 
 PROCESS_ID = 1
 _VCPU_TRACK = re.compile(r"vcpu(\d+)$")
 
 
 def _track_order(track: str) -> tuple[int, int, str]:
-    match = _VCPU_TRACK.match(track)
+    # each vCPU's task track ("task:vcpu0") sits right below the vCPU's own
+    task = track.startswith(TASK_TRACK_PREFIX)
+    match = _VCPU_TRACK.match(track.removeprefix(TASK_TRACK_PREFIX))
     if match:
-        return (0, int(match.group(1)), track)
+        return (0, 2 * int(match.group(1)) + task, track)
     return (1, 0, track)
 
 
@@ -33,7 +36,8 @@ def span_category(name: str) -> str:
 
 
 def chrome_trace_document(profile: Profile) -> dict[str, Any]:
-    tracks = sorted({span.track for span in profile.spans}, key=_track_order)
+    all_spans = [*profile.spans, *task_spans(profile)]  # which guest task ran when, from the samples
+    tracks = sorted({span.track for span in all_spans}, key=_track_order)
     for vcpu in profile.vcpus:
         if f"vcpu{vcpu}" not in tracks:
             tracks.append(f"vcpu{vcpu}")
@@ -62,7 +66,7 @@ def chrome_trace_document(profile: Profile) -> dict[str, Any]:
                 "args": {"sort_index": thread_id},
             }
         )
-    spans = sorted(profile.spans, key=lambda s: (thread_ids[s.track], s.start_ns, -s.end_ns))
+    spans = sorted(all_spans, key=lambda s: (thread_ids[s.track], s.start_ns, -s.end_ns))
     for span in spans:
         event: dict[str, Any] = {
             "ph": "X",

@@ -43,6 +43,8 @@ def speedscope_document(profile: Profile, origin: str = "timer", vcpu: int | Non
     by_vcpu: dict[int, list[Any]] = {}
     for sample in sorted(select_samples(profile, vcpu, origin), key=lambda s: (s.vcpu, s.time_ns)):
         stack = [index_of(namer.name(address), namer.module(address)) for address in reversed(sample.frames)]
+        if sample.task is not None:  # the process is the root frame
+            stack.insert(0, index_of(sample.task.label, "task"))
         exit_name = exit_frame_name(sample)
         if exit_name is not None:
             stack.append(index_of(exit_name, ""))

@@ -6,9 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmscope.errors import KernelTableError
+from vmscope.profiler.kernel.btf import Btf, parse_btf
 from vmscope.profiler.kernel.image import KernelImage, load_kernel_image
 from vmscope.profiler.kernel.kallsyms import Kallsyms, parse_kallsyms
 from vmscope.profiler.kernel.kaslr import choose_slide, idt_handler, slide_candidates
+from vmscope.profiler.kernel.tasks import TaskLayout
 from vmscope.profiler.symbols import SymbolEntry, SymbolTable
 from vmscope.profiler.unwinders.orc import OrcTable
 
@@ -21,11 +23,28 @@ _MASK = 0xFFFF_FFFF_FFFF_FFFF
 class KernelProfileInfo:
     """kallsyms and ORC from the image; :meth:`find_slide` places them in a running guest."""
 
-    def __init__(self, image: KernelImage, kallsyms: Kallsyms, orc: OrcTable | None) -> None:
+    def __init__(
+        self,
+        image: KernelImage,
+        kallsyms: Kallsyms,
+        orc: OrcTable | None,
+        btf: Btf | None = None,
+        btf_problem: str = "no .BTF section in the image",
+    ) -> None:
         self.image = image
         self.kallsyms = kallsyms
         self.orc = orc
+        self.btf = btf
         self.slide: int | None = None
+        self._image_range: tuple[int, int] | None = None
+        #: why tasks cannot be named ("" when they can)
+        self.task_problem = "" if btf is not None else btf_problem
+        self.tasks: TaskLayout | None = None
+        if btf is not None:
+            try:
+                self.tasks = TaskLayout.from_kernel(kallsyms, btf)
+            except KernelTableError as error:
+                self.task_problem = str(error)
 
     @classmethod
     def load(cls, path: str | Path) -> KernelProfileInfo:
@@ -38,7 +57,15 @@ class KernelProfileInfo:
                 orc = OrcTable.from_sections(ips, image.sections[".orc_unwind_ip"].address, unwind)
             except KernelTableError:
                 orc = None  # symbols without stacks are still worth having
-        return cls(image, kallsyms, orc)
+        btf: Btf | None = None
+        btf_problem = "no .BTF section in the image"
+        raw_btf = image.section_bytes(".BTF")
+        if raw_btf is not None:
+            try:
+                btf = parse_btf(raw_btf)
+            except KernelTableError as error:
+                btf_problem = str(error)  # no task names, the rest stands
+        return cls(image, kallsyms, orc, btf, btf_problem)
 
     def find_slide(self, read: Callable[[int], int | None], lstar: int | None, idt_base: int) -> int | None:
         """Try LSTAR and the IDT (read with ``read``); keep and return the slide once confirmed."""
@@ -74,6 +101,16 @@ class KernelProfileInfo:
         if self.orc is None or self.slide is None:
             return None
         return self.orc.relocated(self.slide)
+
+    def covers_text(self, address: int) -> bool:
+        """Whether a run-time address lies in the kernel image (not in a module or elsewhere)."""
+        if self._image_range is None:
+            start = self.kallsyms.address_of("_text") or self.kallsyms.address_of("_stext") or 0
+            end = self.kallsyms.address_of("_end") or self.kallsyms.address_of("_etext") or 0
+            self._image_range = (start, end)
+        start, end = self._image_range
+        link = (address - (self.slide or 0)) & _MASK
+        return start <= link < end
 
     def symbol_table(self) -> SymbolTable:
         """Code symbols at run-time addresses (link-time if no slide was found)."""
