@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from vmscope.devices.base import Device
 from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
+from vmscope.firmware import FirmwareContribution
 
 CMOS_PORT = 0x70
 CMOS_WINDOW_LENGTH = 2
@@ -218,6 +219,10 @@ class Cmos(Device):
         if self._ram[RTC_REG_B] & REG_B_BINARY:
             return value
         return ((value // 10) << 4) | (value % 10)
+
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The FADT says the machine has an RTC/CMOS (IA-PC boot architecture flags)."""
+        return FirmwareContribution(boot_flags=frozenset({"cmos_rtc"}))
 
     # -- state ----------------------------------------------------------------------------
 

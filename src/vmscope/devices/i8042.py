@@ -31,6 +31,7 @@ from collections.abc import Mapping
 
 from vmscope.devices.base import Device, InterruptLine, MachineControl, NullInterruptLine
 from vmscope.devices.state import StateReader
+from vmscope.firmware import FirmwareContribution
 
 log = logging.getLogger("vmscope.devices.i8042")
 
@@ -263,6 +264,10 @@ class I8042(Device):
         if aux != self._aux_level:
             self._aux_level = aux
             self._aux_irq.set_level(aux)
+
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The FADT says the machine has an 8042 (IA-PC boot architecture flags)."""
+        return FirmwareContribution(boot_flags=frozenset({"i8042"}))
 
     # -- state ----------------------------------------------------------------------------
 
