@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError, PageFault, VmscopeError
 from vmscope.histogram import LatencyHistogram
 from vmscope.host_thread import name_host_thread
+from vmscope.kvm.registers import control_registers, general_registers
 
 if TYPE_CHECKING:
     from vmscope.profiler.model import Profile
@@ -647,7 +648,7 @@ class ControlProtocol:
                 self._check_vcpu(vcpu_index)
                 with self._vcpus_held():
                     sregs = self.machine.runners[vcpu_index].vcpu.get_sregs()
-                mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+                mode = PagingMode.from_sregs(sregs)
                 physical = translate(memory, mode, address)
                 data = read_virtual(memory, mode, address, length)
             else:
@@ -672,9 +673,7 @@ class ControlProtocol:
         with self._vcpus_held():
             regs = vcpu.get_regs()
             sregs = vcpu.get_sregs()
-        result: dict[str, Any] = {"vcpu": vcpu.id}
-        for name, *_ in regs._fields_:
-            result[name] = int(getattr(regs, name))
+        result: dict[str, Any] = {"vcpu": vcpu.id, **general_registers(regs)}
         segments = {}
         for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
             segment = getattr(sregs, name)
@@ -684,8 +683,7 @@ class ControlProtocol:
                 "limit": int(segment.limit),
             }
         result["segments"] = segments
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
-            result[name] = int(getattr(sregs, name))
+        result.update(control_registers(sregs, ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")))
         if sregs.efer & (1 << 10) and sregs.cs.l:
             result["mode"] = "long"
         elif sregs.cr0 & 1:

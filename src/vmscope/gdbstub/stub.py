@@ -859,7 +859,7 @@ class GdbStub:
 
     def _paging_mode(self) -> PagingMode:
         sregs = self._vcpu(None).vcpu.get_sregs()
-        return PagingMode(int(sregs.cr0), int(sregs.cr3), int(sregs.cr4), int(sregs.efer))
+        return PagingMode.from_sregs(sregs)
 
     def _chunks(self, address: int, length: int) -> list[tuple[int, int]]:
         """(guest-virtual address, length) pieces that do not cross a 4 KiB page."""

@@ -146,7 +146,7 @@ class ProfileRecorder:
         regs, sregs = runner.registers()
         protected = bool(sregs.cr0 & 1)
         cpl = (sregs.cs.selector & 3) if protected else 0
-        mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        mode = PagingMode.from_sregs(sregs)
         wide = bool(sregs.cs.l)
         ip = regs.rip if wide else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
         state = self._states[vcpu.id]

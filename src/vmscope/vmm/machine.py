@@ -34,6 +34,7 @@ from vmscope.errors import ConfigError, KvmError
 from vmscope.firmware import FirmwareContributions, FirmwareContributor
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
+from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
@@ -238,7 +239,7 @@ class Machine:
 
     def _paging_mode(self, vcpu: int) -> PagingMode:
         sregs = self._stopped_vcpu(vcpu).get_sregs()
-        return PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        return PagingMode.from_sregs(sregs)
 
     def read_virtual(self, address: int, length: int, *, vcpu: int = 0) -> bytes:
         """Read through ``vcpu``'s page tables (the VM must be paused or not yet started)."""
@@ -260,19 +261,13 @@ class Machine:
     def get_registers(self, vcpu: int = 0) -> dict[str, int]:
         """General registers, rip, rflags and control registers of a stopped vCPU."""
         target = self._stopped_vcpu(vcpu)
-        regs, sregs = target.get_regs(), target.get_sregs()
-        values = {field[0]: int(getattr(regs, field[0])) for field in regs._fields_}
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            values[name] = int(getattr(sregs, name))
-        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-            values[name] = int(getattr(sregs, name).selector)
-        return values
+        return register_dict(target.get_regs(), target.get_sregs())
 
     def set_registers(self, vcpu: int = 0, **values: int) -> None:
         """Change general registers / rip / rflags of a stopped vCPU, e.g. ``set_registers(0, rax=1)``."""
         target = self._stopped_vcpu(vcpu)
         regs = target.get_regs()
-        known = {field[0] for field in regs._fields_}
+        known = set(GENERAL_REGISTERS)
         unknown = sorted(set(values) - known)
         if unknown:
             expected = ", ".join(sorted(known))
