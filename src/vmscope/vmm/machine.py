@@ -530,11 +530,4 @@ def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
     except Exception as error:  # missing symbols must never stop a run
         log.debug("no symbols from %s: %s", path, error)
         return None
-
-    def lookup(address: int) -> str | None:
-        symbol = symbolizer.lookup(address)
-        if symbol is None:
-            return None
-        return f"{symbol.name}+{symbol.offset:#x}"
-
-    return lookup
+    return symbolizer.name_and_offset
