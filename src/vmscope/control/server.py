@@ -25,7 +25,6 @@ import math
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from vmscope.errors import ConfigError, GuestMemoryError, KvmError, PageFault, V
 from vmscope.histogram import LatencyHistogram
 from vmscope.host_thread import name_host_thread
 from vmscope.kvm.registers import control_registers, general_registers
+from vmscope.unix_socket import SocketIdentity, listen_unix, remove_socket_file
 
 if TYPE_CHECKING:
     from vmscope.profiler.model import Profile
@@ -710,58 +710,11 @@ class _Client:
         self.eof = False
 
 
-def _socket_is_live(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _bind_private_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening socket at ``path`` that only its owner can connect to, with its (dev, inode)."""
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        raise ConfigError(f"control socket {path}: {error.strerror or error}") from None
-    else:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise ConfigError(
-                f"control socket {path}: the path exists and is not a socket; refusing to replace it"
-            )
-        if _socket_is_live(path):
-            raise ConfigError(f"control socket {path}: another process is listening there")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens on it any more
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Linux creates the socket file with the socket inode's mode (minus the umask), so the
-        # file is 0600 from the moment it exists; the checks below hold before listen() anyway.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        created = os.lstat(path)
-        if not stat.S_ISSOCK(created.st_mode):
-            raise ConfigError(f"control socket {path}: replaced by something else while it was created")
-        if stat.S_IMODE(created.st_mode) != 0o600:
-            os.chmod(path, 0o600)
-            created = os.lstat(path)
-            if stat.S_IMODE(created.st_mode) != 0o600:
-                raise ConfigError(f"control socket {path}: cannot restrict its mode to 0600")
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError as error:
-        sock.close()
-        raise ConfigError(f"control socket {path}: {error.strerror or error}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock, (created.st_dev, created.st_ino)
+def _bind_private_socket(path: str) -> tuple[socket.socket, SocketIdentity]:
+    """A non-blocking listening socket at ``path`` that only its owner can connect to, with its identity."""
+    sock, identity = listen_unix(path, f"control socket {path}", backlog=64, private=True)
+    sock.setblocking(False)
+    return sock, identity
 
 
 class ControlServer:
@@ -772,7 +725,7 @@ class ControlServer:
         self.path = os.fspath(path)
         self.protocol = ControlProtocol(machine)
         self._listener: socket.socket | None = None
-        self._identity: tuple[int, int] | None = None
+        self._identity: SocketIdentity | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_read: socket.socket | None = None
         self._wake_write: socket.socket | None = None
@@ -818,15 +771,7 @@ class ControlServer:
         self.protocol.close()
 
     def _remove_socket_file(self) -> None:
-        if self._identity is None:
-            return
-        try:
-            current = os.lstat(self.path)
-        except OSError:
-            return
-        if (current.st_dev, current.st_ino) == self._identity:  # never remove someone else's file
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        remove_socket_file(self.path, self._identity)
 
     def __enter__(self) -> ControlServer:
         return self
