@@ -36,6 +36,7 @@ from vmscope.histogram import LatencyHistogram
 from vmscope.host_thread import name_host_thread
 from vmscope.kvm.registers import control_registers, general_registers
 from vmscope.unix_socket import SocketIdentity, listen_unix, remove_socket_file
+from vmscope.vmm.kick_listeners import kick_listeners
 
 if TYPE_CHECKING:
     from vmscope.profiler.model import Profile
@@ -580,7 +581,7 @@ class ControlProtocol:
             raise ControlRequestError("profile-active", "profile-start: a profile is already being recorded")
         if self.state() == "stopped":
             raise ControlRequestError("not-running", "profile-start: the VM has stopped")
-        if any(runner.on_kick is not None for runner in self.machine.runners):
+        if any(kick_listeners(runner) for runner in self.machine.runners):
             raise ControlRequestError("busy", "profile-start: another profiler is attached to this VM")
         recorder = ProfileRecorder(
             self.machine,

@@ -71,6 +71,17 @@ class Port80(Device):
             else:
                 self.dropped += 1
 
+    @property
+    def marker_track(self) -> str:
+        """The timeline track its markers go on (a :class:`~vmscope.devices.traces.MarkerSource`)."""
+        return self.name
+
+    def markers(self) -> list[tuple[int, str]]:
+        """(time.monotonic_ns(), "POST 0x..") for every recorded write, oldest first."""
+        with self._lock:
+            records = list(self.records)
+        return [(stamp, f"POST {value:#04x}") for stamp, value in records]
+
     def save_state(self) -> dict[str, object]:
         # the record of writes describes the run, not the device: it is not state
         return {"last_value": self._last}
