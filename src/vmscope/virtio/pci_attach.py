@@ -29,10 +29,8 @@ Only ``Machine`` / ``Vm`` methods are used; every ioctl stays in :mod:`vmscope.k
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,14 +44,14 @@ from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, in
 from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
 from vmscope.pci.msix import DirectMsiSink, GsiRouting, IrqfdMsiSink, MsiSink
 from vmscope.virtio.attach import MachineLike, VmLike
+from vmscope.virtio.attachment import VirtioAttachment
 from vmscope.virtio.device import (
     EventfdSignal,
     InterruptSignal,
     LineLevelSignal,
     VirtioDevice,
-    run_teardown_steps,
 )
-from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd, new_eventfd
+from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd
 from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
 
 log = logging.getLogger("vmscope.virtio.pci_attach")
@@ -150,7 +148,7 @@ def _gsi_routing(machine: PciMachineLike, platform: PciPlatform) -> GsiRouting:
 
 
 @dataclass
-class VirtioPciAttachment:
+class VirtioPciAttachment(VirtioAttachment):
     """A virtio device on the machine's PCI bus; closing the transport (or this) tears it down."""
 
     device: VirtioDevice
@@ -173,10 +171,6 @@ class VirtioPciAttachment:
     @property
     def bar_size(self) -> int:
         return BAR_SIZE
-
-    @property
-    def io_thread_name(self) -> str:
-        return self.io.thread.name
 
     @property
     def msi_gsis(self) -> list[int]:
@@ -225,23 +219,9 @@ class VirtioPciAttachment:
         if self.device.interrupt_status:
             transport.intx.trigger()
 
-    def _teardown(self) -> None:
-        """Stop the I/O thread, then undo the KVM registrations and close the eventfds."""
-        self.io.stop()
+    def _quiesce(self) -> None:
         with self._notify_lock:
             self._deassign_notifications()
-        cleanups, self._cleanups = self._cleanups, []
-        run_teardown_steps(self.device.name, reversed(cleanups))  # undo in reverse order
-        self.io.close()
-
-    def close(self) -> None:
-        """Tear down and close the device (what closing the machine does through the PCI bus)."""
-        self.transport.close()
-
-
-def _close_fd(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
 
 
 def attach_virtio_pci(
@@ -305,19 +285,16 @@ def attach_virtio_pci(
 
 def _wire_eventfds(attachment: VirtioPciAttachment) -> None:
     """Notification ioeventfds that follow the BAR, and the level-triggered INTx irqfd."""
-    vm, transport, io, cleanups = attachment.vm, attachment.transport, attachment.io, attachment._cleanups
+    vm, transport, io = attachment.vm, attachment.transport, attachment.io
     transport.notify_listeners.append(attachment.move_notifications)
     # a notification that still exits (e.g. through the PCI_CFG window) goes to the I/O thread too
     transport.notify_handler = io.kick
     attachment.move_notifications(transport.notify_base)
 
-    irq_fd = new_eventfd()
-    cleanups.append(functools.partial(_close_fd, irq_fd))
-    resample_fd = new_eventfd()
-    cleanups.append(functools.partial(_close_fd, resample_fd))
-    attachment.irq_fd, attachment.resample_fd = irq_fd, resample_fd
+    irq_fd = attachment.irq_fd = attachment.owned_eventfd()
+    resample_fd = attachment.resample_fd = attachment.owned_eventfd()
     vm.register_irqfd(irq_fd, attachment.intx_gsi, resample_fd)
-    cleanups.append(functools.partial(vm.unregister_irqfd, irq_fd, attachment.intx_gsi))
+    attachment.add_cleanup(functools.partial(vm.unregister_irqfd, irq_fd, attachment.intx_gsi))
     intx: InterruptSignal = EventfdSignal(irq_fd)
     transport.intx = intx
     io.thread.add_reader(resample_fd, attachment._intx_resampled)
