@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_pci_virtio import BAR_ADDRESS, Rig
-from tests.unit.test_virtio_block import IMAGE, submit
-from tests.unit.test_virtio_mmio import MmioDriver
-from tests.unit.test_virtio_queue import RAM_SIZE, Arena, Ring
+from tests.unit.rigs.pci import BAR_ADDRESS, Rig
+from tests.unit.rigs.virtio_block import IMAGE, submit
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import RAM_SIZE, Arena, Ring
 from vmscope.devices.acpi_pm import AcpiPm
 from vmscope.devices.base import Device, RecordingInterruptLine, RecordingMachineControl
 from vmscope.devices.cmos import Cmos
