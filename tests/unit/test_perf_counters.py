@@ -18,7 +18,7 @@ from vmscope.host.perf_events import (
     syscall_open,
 )
 from vmscope.host_thread import name_host_thread
-from vmscope.profiler.counter_report import counter_table
+from vmscope.profiler.counter_table import counter_table
 from vmscope.profiler.counters import CounterSession
 from vmscope.profiler.export.chrome_trace import chrome_trace_document
 from vmscope.profiler.model import CounterSeries, Profile, ThreadCounters

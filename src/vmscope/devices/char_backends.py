@@ -26,7 +26,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import Literal
 
 from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread
+from vmscope.unix_socket import listen_unix, remove_socket_file
 
 log = logging.getLogger("vmscope.devices.serial")
 
@@ -246,29 +246,6 @@ class FileBackend(SerialBackend):
             os.close(fd)
 
 
-def _claim_socket_path(path: str) -> None:
-    """Remove a stale socket left at ``path`` by a VMM that died; refuse anything else."""
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise ConfigError(f"serial unix:{path}: {error.strerror}") from None
-    if not stat.S_ISSOCK(status.st_mode):
-        raise ConfigError(f"serial unix:{path}: exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError as error:
-        raise ConfigError(f"serial unix:{path}: cannot check the existing socket: {error.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"serial unix:{path}: another process is listening on this socket")
-
-
 class UnixSocketBackend(SerialBackend):
     """A listening UNIX stream socket; one client at a time sees output and provides input.
 
@@ -281,15 +258,7 @@ class UnixSocketBackend(SerialBackend):
     def __init__(self, path: str) -> None:
         self.path = path
         self.dropped_bytes = 0
-        _claim_socket_path(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._listener.bind(path)
-            self._listener.listen(1)
-            self._inode = os.stat(path).st_ino
-        except OSError as error:
-            self._listener.close()
-            raise ConfigError(f"serial unix:{path}: cannot listen: {error.strerror}") from None
+        self._listener, self._identity = listen_unix(path, f"serial unix:{path}", backlog=1)
         self._client: socket.socket | None = None
         self._congested = False  # the last write timed out; do not wait for this client again
         self._connected = threading.Event()
@@ -398,11 +367,7 @@ class UnixSocketBackend(SerialBackend):
         if client is not None:
             self._hang_up(client)
         self._listener.close()
-        try:  # remove the path only while it is still the socket this backend created
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        remove_socket_file(self.path, self._identity)
 
 
 @dataclass(frozen=True)

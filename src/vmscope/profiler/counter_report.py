@@ -1,56 +1,14 @@
-"""Tables of the host perf counters per vCPU and I/O thread (``vmscope stat``/``report``/HTML).
-
-One row per thread. task-clock becomes milliseconds and a share of the thread's wall time (how
-busy the thread was); hardware counters come in guest/host pairs, and where both exist the table
-adds the guest share, the perfctr-xen split between guest work and the VMM's exit handling.
-"""
+"""The host perf counter table in the terminal (``vmscope stat`` and ``report``); rows come from
+:mod:`vmscope.profiler.counter_table`."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.text import Text
 
-from vmscope.host.perf_events import GUEST, HARDWARE_EVENTS, HOST, SOFTWARE_EVENTS
-from vmscope.profiler.model import Profile, ThreadCounters
-from vmscope.profiler.report import format_pct, make_table
-
-_ORDER = [*SOFTWARE_EVENTS, *(f"{h}:{s}" for h in HARDWARE_EVENTS for s in (GUEST, HOST))]
-
-
-def counter_columns(profile: Profile) -> list[str]:
-    """Event names present in any thread, in catalogue order (unknown names last)."""
-    present = {name for item in profile.counters for name in item.values}
-    known = [name for name in _ORDER if name in present]
-    return known + sorted(present - set(known))
-
-
-def counter_table(profile: Profile) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the per-thread counter table (empty rows when nothing was counted)."""
-    columns = counter_columns(profile)
-    headers = ["Thread"]
-    for name in columns:
-        headers.append("task-clock ms" if name == "task-clock" else name)
-        if name == "task-clock":
-            headers.append("busy%")
-    pairs = [h for h in HARDWARE_EVENTS if f"{h}:{GUEST}" in columns and f"{h}:{HOST}" in columns]
-    headers.extend(f"{h} guest%" for h in pairs)
-    rows = [_row(item, columns, pairs) for item in profile.counters]
-    return headers, rows
-
-
-def _row(item: ThreadCounters, columns: list[str], pairs: list[str]) -> list[str]:
-    row = [item.thread]
-    for name in columns:
-        value = item.values.get(name)
-        if name == "task-clock":
-            row.append("-" if value is None else f"{value / 1e6:.1f}")
-            row.append("-" if value is None or not item.wall_ns else format_pct(100.0 * value / item.wall_ns))
-        else:
-            row.append("-" if value is None else f"{value:,}")
-    for base in pairs:
-        guest, host = item.values.get(f"{base}:{GUEST}", 0), item.values.get(f"{base}:{HOST}", 0)
-        row.append(format_pct(100.0 * guest / (guest + host)) if guest + host else "-")
-    return row
+from vmscope.profiler.counter_table import counter_table
+from vmscope.profiler.model import Profile
+from vmscope.profiler.report import make_table
 
 
 def render_counters(profile: Profile, console: Console, terminal: bool) -> None:

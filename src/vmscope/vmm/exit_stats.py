@@ -20,7 +20,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from operator import sub
 
-from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.histogram import LatencyHistogram
 
 #: record key: guest time up to exit_ns, no handling time (kicks, exits that end the loop)
 GUEST_ONLY = -1

@@ -14,7 +14,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vmscope.host_thread import name_host_thread
@@ -42,6 +41,7 @@ from vmscope.vmm.exit_keys import (
 )
 from vmscope.vmm.exit_stats import FOLD_EVERY, GUEST_ONLY, REBASE, VcpuExitStats
 from vmscope.vmm.hooks import ExitEvent, ExitHook
+from vmscope.vmm.kick_listeners import KickListeners
 from vmscope.vmm.rare_exits import ExitAction, RareExitDecision, decide_rare_exit
 
 if TYPE_CHECKING:
@@ -90,8 +90,8 @@ class VcpuRunner:
         self.paused = threading.Event()
         self._resume = threading.Condition()
         #: called with this runner when KVM_RUN was interrupted by a kick that was neither
-        #: stop nor pause (the sampling profiler's timer)
-        self.on_kick: Callable[[VcpuRunner], None] | None = None
+        #: stop nor pause (the sampling profiler's timer); see vmm.kick_listeners
+        self.kick_listeners = KickListeners()
         self.exited = threading.Event()
 
     # -- hooks ------------------------------------------------------------------------------
@@ -218,10 +218,10 @@ class VcpuRunner:
         self.vcpu.set_immediate_exit(False)
         if self.stop_requested:  # a stop that raced with clearing immediate_exit
             return False
-        if self.on_kick is not None:
+        if self.kick_listeners:
             # syncing is only ever switched on between runs, so a set bit means KVM filled it
             self.registers_fresh = bool(self.vcpu.run_struct.kvm_valid_regs & c.SYNC_X86_REGS)
-            self.on_kick(self)
+            self.kick_listeners(self)
         return True
 
     def _exit_loop(self) -> None:
