@@ -123,6 +123,40 @@ class Vcpu:
         ioctl(self.fd, c.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
         return events
 
+    def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
+        ioctl(self.fd, c.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self) -> bytes:
+        """The 4 KiB XSAVE area (x87, SSE, AVX... state), as KVM_GET_XSAVE returns it."""
+        area = s.kvm_xsave()
+        ioctl(self.fd, c.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytes(area)
+
+    def set_xsave(self, data: bytes) -> None:
+        ioctl(self.fd, c.KVM_SET_XSAVE, s.from_bytes(s.kvm_xsave, data, "XSAVE"), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        xcrs = s.kvm_xcrs()
+        ioctl(self.fd, c.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        ioctl(self.fd, c.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        debugregs = s.kvm_debugregs()
+        ioctl(self.fd, c.KVM_GET_DEBUGREGS, debugregs, "KVM_GET_DEBUGREGS")
+        return debugregs
+
+    def set_debugregs(self, debugregs: s.kvm_debugregs) -> None:
+        ioctl(self.fd, c.KVM_SET_DEBUGREGS, debugregs, "KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, c.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, c.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
     def set_entry_state(self, state: CpuEntryState) -> None:
         """Load a loader-produced boot state: segments, control registers, rip, rflags, gprs."""
         sregs = self.get_sregs()  # keeps apic_base and the interrupt bitmap as KVM set them
@@ -152,6 +186,13 @@ class Vcpu:
         for index, entry in enumerate(entries):
             table.entries[index] = entry
         ioctl(self.fd, c.KVM_SET_CPUID2, table, "KVM_SET_CPUID2")
+
+    def get_cpuid(self, capacity: int = 256) -> list[s.kvm_cpuid_entry2]:
+        """KVM_GET_CPUID2: the table this vCPU was given with set_cpuid."""
+        table = s.cpuid2_with_entries(capacity)()
+        table.nent = capacity
+        ioctl(self.fd, c.KVM_GET_CPUID2, table, "KVM_GET_CPUID2")
+        return [s.kvm_cpuid_entry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         wanted = list(indices)
