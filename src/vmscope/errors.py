@@ -62,3 +62,8 @@ class BusConflictError(ConfigError):
 
 class GuestBuildError(VmscopeError):
     """The bundled guest could not be built with the system toolchain."""
+
+
+class SnapshotError(VmscopeError):
+    """A snapshot cannot be written, or cannot be restored here (damaged, another version, or a
+    host or backend that differs from the one it was taken on)."""
