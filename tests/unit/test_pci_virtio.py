@@ -26,6 +26,7 @@ from tests.unit.test_virtio_queue import RAM_SIZE, Arena, Ring
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, RecordingInterruptLine
 from vmscope.errors import ConfigError, KvmError
+from vmscope.firmware import FirmwareContributions
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PCI_MMIO_WINDOW_BASE, PciBus
 from vmscope.pci.device import (
@@ -83,7 +84,7 @@ from vmscope.virtio.pci import (
     VirtioPciTransport,
 )
 from vmscope.virtio.pci_attach import (
-    PLATFORM_ATTRIBUTE,
+    PciPlatform,
     WiredOrLine,
     attach_virtio_pci,
     pci_dsdt_aml,
@@ -624,6 +625,8 @@ class FakeMachine:
         self.pio_bus = PioBus()
         self.mmio_bus = MmioBus()
         self.lines: dict[int, RecordingInterruptLine] = {}
+        self.pci_platform: PciPlatform | None = None
+        self.firmware = FirmwareContributions()
 
     def interrupt_line(self, gsi: int) -> RecordingInterruptLine:
         return self.lines.setdefault(gsi, RecordingInterruptLine())
@@ -661,8 +664,10 @@ def test_platform_is_made_once_per_machine(machine: FakeMachine, memory: GuestMe
     first = attach_virtio_pci(machine, VirtioRng(memory, name="rng-a"))
     second = attach_virtio_pci(machine, VirtioRng(memory, name="rng-b"), iothreads=False)
     try:
-        platform = getattr(machine, PLATFORM_ATTRIBUTE)
+        platform = machine.pci_platform
+        assert platform is not None
         assert first.bus is second.bus is platform.bus
+        assert machine.firmware.collect().dsdt_aml == pci_dsdt_aml(machine)
         assert machine.pio_bus.lookup(0xCFC) == (platform.bus, 0xCF8)
         assert machine.mmio_bus.lookup(PCI_MMIO_WINDOW_BASE) == (
             platform.bus.mmio_window,

@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vmscope import __version__
 from vmscope.errors import VmscopeError
+from vmscope.version import __version__
 
 DESCRIPTION = """\
 vmscope boots guests on Linux KVM and shows where every cycle of the virtual machine goes.

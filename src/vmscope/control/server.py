@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError, PageFault, VmscopeError
+from vmscope.histogram import LatencyHistogram
 from vmscope.host_thread import name_host_thread
-from vmscope.profiler.histogram import LatencyHistogram
 
 if TYPE_CHECKING:
     from vmscope.profiler.model import Profile

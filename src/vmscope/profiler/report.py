@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmscope.errors import ConfigError
-from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.histogram import LatencyHistogram
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, exit_label
 from vmscope.profiler.symbols import Symbolizer, address_space
 

@@ -42,6 +42,7 @@ from typing import Literal, Protocol
 
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError
+from vmscope.firmware import FirmwareContribution
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.device import (
     EventfdSignal,
@@ -142,6 +143,10 @@ class VirtioMmioAttachment:
     def acpi_entry(self) -> tuple[int, int, int]:
         """(base, size, gsi) for :func:`vmscope.arch.x86.acpi.virtio_mmio_aml` (use trigger="level")."""
         return (self.base, self.size, self.gsi)
+
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The device in the DSDT and on a kernel's command line (a :class:`FirmwareContributor`)."""
+        return FirmwareContribution(virtio_mmio=(self.acpi_entry(),), cmdline=(self.cmdline_entry(),))
 
     @property
     def io_thread_name(self) -> str:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError, GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.device import DEVICE_ID_BLOCK, VirtioDevice
@@ -297,6 +298,15 @@ class VirtioBlock(VirtioDevice):
 
     def device_reset(self) -> None:
         self._write_through = True
+
+    def save_device_state(self) -> dict[str, object]:
+        # capacity and read-only are the image's: saved so that a state meets the same disk again
+        return {"write_through": self._write_through, "capacity": self.capacity, "read_only": self.read_only}
+
+    def load_device_state(self, reader: StateReader) -> None:
+        reader.expect("capacity", self.capacity)
+        reader.expect("read_only", self.read_only)
+        self._write_through = reader.flag("write_through")
 
     @property
     def write_through(self) -> bool:

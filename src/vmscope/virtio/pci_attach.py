@@ -1,7 +1,8 @@
 """Put a virtio device on a machine's PCI bus (modern virtio-pci), with or without an I/O thread.
 
-The machine's PCI platform (:func:`pci_platform`) is made on first use and kept as the
-attribute ``_vmscope_pci`` of the machine object: one :class:`PciBus` at ports 0xCF8-0xCFF
+The machine's PCI platform (:func:`pci_platform`) is made on first use and kept in the
+machine's ``pci_platform`` slot, and it adds the host bridge to the machine's firmware
+contributions (the DSDT's PCI0): one :class:`PciBus` at ports 0xCF8-0xCFF
 (8 ports), its MMIO window (0xE000_0000 + 256 MiB, see :mod:`vmscope.pci.bus`) on the MMIO
 bus, the machine's :class:`GsiRouting` table and the shared INTx lines.
 
@@ -39,6 +40,7 @@ from typing import Protocol
 
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
+from vmscope.firmware import FirmwareContribution, FirmwareContributions
 from vmscope.kvm import structs as s
 from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, intx_gsi, pci_host_bridge_aml
 from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
@@ -56,8 +58,6 @@ from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
 
 log = logging.getLogger("vmscope.virtio.pci_attach")
 
-PLATFORM_ATTRIBUTE = "_vmscope_pci"
-
 
 class PciVmLike(VmLike, Protocol):
     """The :class:`vmscope.kvm.Vm` methods a PCI attachment uses beyond virtio-mmio's."""
@@ -74,6 +74,11 @@ class PciMachineLike(MachineLike, Protocol):
     def vm(self) -> PciVmLike: ...
 
     def add_pio_device(self, base: int, length: int, device: Device) -> None: ...
+
+    #: the machine's PCI platform, None until the first PCI attachment makes it
+    pci_platform: PciPlatform | None
+    #: where the platform adds the host bridge's DSDT description
+    firmware: FirmwareContributions
 
 
 class WiredOrLine:
@@ -113,25 +118,29 @@ class PciPlatform:
     routing: GsiRouting | None = None
     lines: dict[int, WiredOrLine] = field(default_factory=dict)
 
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The host bridge (PCI0) with its windows and _PRT, for the DSDT."""
+        return FirmwareContribution(
+            dsdt_aml=pci_host_bridge_aml(window_base=self.bus.window_base, window_size=self.bus.window_size)
+        )
+
 
 def pci_platform(machine: PciMachineLike, *, create: bool = True) -> PciPlatform | None:
     """The machine's PCI platform; made (bus mapped at 0xCF8 and on the MMIO window) on first use."""
-    platform: PciPlatform | None = getattr(machine, PLATFORM_ATTRIBUTE, None)
+    platform = machine.pci_platform
     if platform is None and create:
         bus = PciBus()
         machine.add_pio_device(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, bus)
         machine.add_mmio_device(bus.window_base, bus.window_size, bus.mmio_window)
-        platform = PciPlatform(bus)
-        setattr(machine, PLATFORM_ATTRIBUTE, platform)
+        platform = machine.pci_platform = PciPlatform(bus)
+        machine.firmware.add(platform)
     return platform
 
 
 def pci_dsdt_aml(machine: PciMachineLike) -> bytes:
     """The DSDT's PCI host bridge for ``machine`` (b"" when it has no PCI bus): pass it to build_dsdt."""
     platform = pci_platform(machine, create=False)
-    if platform is None:
-        return b""
-    return pci_host_bridge_aml(window_base=platform.bus.window_base, window_size=platform.bus.window_size)
+    return b"" if platform is None else platform.firmware_contribution().dsdt_aml
 
 
 def _gsi_routing(machine: PciMachineLike, platform: PciPlatform) -> GsiRouting:

@@ -31,13 +31,14 @@ from vmscope.arch.x86.mptable import build_mptable
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
+from vmscope.firmware import FirmwareContributions, FirmwareContributor
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
-from vmscope.virtio.pci_attach import pci_dsdt_aml
+from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
@@ -154,10 +155,10 @@ class Machine:
         self.guest: LoadedGuest | None = None
         #: how this machine was built (set by vmm.assemble); what a snapshot records
         self.config: MachineConfig | None = None
-        #: (base, size, gsi) of virtio-mmio devices, described to the guest in ACPI and cmdline
-        self.virtio_mmio_devices: list[tuple[int, int, int]] = []
-        #: words appended to a kernel's command line (virtio_mmio.device= entries)
-        self.extra_cmdline: list[str] = []
+        #: what devices and attachments add to ACPI tables and a kernel's command line
+        self.firmware = FirmwareContributions()
+        #: the PCI bus and its routing, made by the first virtio-pci attachment
+        self.pci_platform: PciPlatform | None = None
         #: virtio devices attached with vmm.virtio_setup (for stats and request traces)
         self.virtio_attachments: list[Any] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
@@ -193,6 +194,8 @@ class Machine:
         """Map ``device`` at I/O ports [base, base+length)."""
         self.pio_bus.register(base, length, device)
         self._device_mappings.append(DeviceMapping("pio", base, length, device))
+        if isinstance(device, FirmwareContributor):
+            self.firmware.add(device)
 
     def add_mmio_device(self, base: int, length: int, device: Device) -> None:
         """Map ``device`` at guest-physical [base, base+length); it must not overlap RAM."""
@@ -204,6 +207,8 @@ class Machine:
                 )
         self.mmio_bus.register(base, length, device)
         self._device_mappings.append(DeviceMapping("mmio", base, length, device))
+        if isinstance(device, FirmwareContributor):
+            self.firmware.add(device)
 
     def add_exit_hook(
         self,
@@ -304,19 +309,20 @@ class Machine:
         """
         rsdp_address = 0
         reserved: Sequence[E820Entry] = ()
+        firmware = self.firmware.collect()
         if firmware_tables and kind != "flat":
             tables = build_acpi_tables(
                 self.memory,
                 self.cpu_count,
-                virtio_mmio_devices=self.virtio_mmio_devices,
-                cmos_rtc=self.pio_bus.lookup(0x70) is not None,
-                i8042=self.pio_bus.lookup(0x60) is not None,
-                extra_dsdt_aml=pci_dsdt_aml(self),
+                virtio_mmio_devices=firmware.virtio_mmio,
+                cmos_rtc="cmos_rtc" in firmware.boot_flags,
+                i8042="i8042" in firmware.boot_flags,
+                extra_dsdt_aml=firmware.dsdt_aml,
             )
             build_mptable(self.memory, self.cpu_count)
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
-        if self.extra_cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
-            cmdline = " ".join([cmdline, *self.extra_cmdline]).strip()
+        if firmware.cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
+            cmdline = " ".join([cmdline, *firmware.cmdline]).strip()
         guest = load_guest(
             self.memory,
             Path(path),
