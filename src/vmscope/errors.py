@@ -99,3 +99,8 @@ class CounterUnavailableError(VmscopeError):
         self.event = event
         self.reason = reason
         self.errno = errno
+
+
+class SnapshotError(VmscopeError):
+    """A snapshot cannot be written, or cannot be restored here (damaged, another version, or a
+    host or backend that differs from the one it was taken on)."""

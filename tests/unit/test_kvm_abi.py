@@ -31,9 +31,17 @@ STRUCTS = {
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry,
     "kvm_stats_header": s.kvm_stats_header,
     "kvm_stats_desc": s.kvm_stats_desc,
+    "kvm_msr_list": s.kvm_msr_list,
     "kvm_xsave": s.kvm_xsave,
     "kvm_xcr": s.kvm_xcr,
     "kvm_xcrs": s.kvm_xcrs,
+    "kvm_debugregs": s.kvm_debugregs,
+    "kvm_clock_data": s.kvm_clock_data,
+    "kvm_pit_channel_state": s.kvm_pit_channel_state,
+    "kvm_pit_state2": s.kvm_pit_state2,
+    "kvm_irqchip": s.kvm_irqchip,
+    "kvm_lapic_state": s.kvm_lapic_state,
+    "kvm_mp_state": s.kvm_mp_state,
 }
 OFFSETS = {
     ("kvm_run", "exit_reason"): exits.EXIT_REASON_OFFSET,
@@ -61,6 +69,11 @@ OFFSETS = {
     ),
     ("kvm_xcrs", "xcrs"): s.kvm_xcrs.xcrs.offset,
     ("kvm_xcrs", "padding"): s.kvm_xcrs.padding.offset,
+    ("kvm_debugregs", "flags"): s.kvm_debugregs.flags.offset,
+    ("kvm_clock_data", "host_tsc"): s.kvm_clock_data.host_tsc.offset,
+    ("kvm_pit_channel_state", "count_load_time"): s.kvm_pit_channel_state.count_load_time.offset,
+    ("kvm_pit_state2", "flags"): s.kvm_pit_state2.flags.offset,
+    ("kvm_irqchip", "chip"): s.kvm_irqchip.chip.offset,
 }
 CONSTANTS = {
     "KVM_INTERNAL_ERROR_EMULATION": c.INTERNAL_ERROR_EMULATION,

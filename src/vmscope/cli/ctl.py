@@ -23,6 +23,7 @@ examples:
   vmscope ctl /tmp/vm.sock read-memory address=0xffffffff81000000 length=64 virtual=true
   vmscope ctl /tmp/vm.sock profile-start frequency_hz=499
   vmscope ctl /tmp/vm.sock profile-dump path=guest.vmprof
+  vmscope ctl /tmp/vm.sock snapshot /tmp/vm.snap --stop   then: vmscope run --restore /tmp/vm.snap
   vmscope ctl /tmp/vm.sock quit
 """
 
@@ -72,7 +73,14 @@ def parse_arguments(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    arguments = parse_arguments(args.arguments)
+    pairs = list(args.arguments)
+    if args.control_command == "snapshot":  # `ctl SOCKET snapshot PATH [--stop]`
+        pairs = [pair if "=" in pair else f"path={pair}" for pair in pairs]
+        if args.stop:
+            pairs.append("stop=true")
+    elif args.stop:
+        raise ConfigError("--stop applies to the snapshot command only")
+    arguments = parse_arguments(pairs)
     with ControlClient(args.socket, timeout=args.timeout) as client:
         result = client.call(args.control_command, **arguments)
     print(json.dumps(result, indent=2, sort_keys=False))
@@ -97,5 +105,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=30.0,
         metavar="SECONDS",
         help="wait this long for the answer (default 30)",
+    )
+    parser.add_argument(
+        "--stop", action="store_true", help="snapshot: end the VM after saving instead of resuming it"
     )
     parser.set_defaults(func=handle)

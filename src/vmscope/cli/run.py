@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -75,8 +76,12 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPUID policy, e.g. -cx16,-xsave hides those features",
     )
     machine.add_argument(
-        "--serial", default="stdio", metavar="SPEC", help="COM1 backend: stdio, none, file:PATH or unix:PATH"
+        "--serial", metavar="SPEC", help="COM1 backend: stdio (default), none, file:PATH or unix:PATH"
     )
+    machine.add_argument(
+        "--restore", type=Path, metavar="SNAPSHOT",
+        help="continue from a snapshot (vmscope ctl SOCKET snapshot); only backends may be given with it",
+    )  # fmt: skip
     machine.add_argument(
         "--debug-exit-port",
         type=_int,
@@ -114,29 +119,58 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: options that describe the machine itself, which a snapshot holds: not allowed with --restore
+_MACHINE_OPTIONS = (
+    ("kernel", "--kernel", None), ("elf", "--elf", None), ("flat", "--flat", None),
+    ("mode", "--mode", None), ("load_address", "--load-address", None), ("entry", "--entry", None),
+    ("initrd", "--initrd", None), ("cmdline", "--cmdline", ""), ("mem", "--mem", "256M"),
+    ("cpus", "--cpus", 1), ("cpu_features", "--cpu-features", ""),
+    ("debug_exit_port", "--debug-exit-port", 0xF4),
+    ("rng", "--rng", False), ("iothreads", "--iothreads", "on"),
+)  # fmt: skip
+
+
+def _restore_machine(args: argparse.Namespace) -> Machine:
+    """The machine of the snapshot ``--restore`` names, with the backends the options override."""
+    from vmscope.snapshot.restore import BackendOverrides, restore_machine
+
+    for dest, option, default in _MACHINE_OPTIONS:
+        if getattr(args, dest) != default:
+            raise ConfigError(
+                f"{option} cannot be used with --restore: the snapshot holds the machine's configuration"
+            )
+    overrides = BackendOverrides(serial=args.serial, console=args.console, disks=args.disk, nets=args.net)
+    machine = restore_machine(args.restore, overrides)
+    if args.symbols:
+        machine.symbolize = symbolizer_for(args.symbols, machine.guest)
+    return machine
+
+
 def build_machine(args: argparse.Namespace) -> Machine:
-    """A Machine with the platform devices and the requested guest loaded."""
+    """A Machine with the platform devices and the requested guest loaded (or restored)."""
+    if args.restore is not None:
+        return _restore_machine(args)
     from vmscope.loader.bzimage import is_bzimage
-    from vmscope.vmm.machine import Machine
-    from vmscope.vmm.platform import install_platform_devices
-    from vmscope.vmm.virtio_setup import install_virtio_devices
+    from vmscope.memory.guest_memory import parse_size
+    from vmscope.vmm.assemble import assemble_machine
+    from vmscope.vmm.config import MachineConfig
 
     if args.flat is None and (args.mode or args.load_address is not None or args.entry is not None):
         raise ConfigError("--mode, --load-address and --entry apply to --flat images only")
     if args.flat is not None and (args.mode is None or args.load_address is None):
         raise ConfigError("--flat needs --mode (real, protected or long) and --load-address")
-    machine = Machine(
-        mem=args.mem, cpus=args.cpus, cpu_features=args.cpu_features,
+    # Linux distribution kernels find virtio over PCI; PVH/ELF guests use virtio-mmio
+    linux_kernel = args.kernel is not None and is_bzimage(args.kernel)
+    config = MachineConfig(
+        mem=parse_size(args.mem), cpus=args.cpus, cpu_features=args.cpu_features,
+        serial=args.serial or "stdio", debug_exit_port=args.debug_exit_port,
+        disks=tuple(args.disk), nets=tuple(args.net), console=args.console, rng=args.rng,
+        iothreads=args.iothreads == "on", default_transport="pci" if linux_kernel else "mmio",
         emulate_fallback=args.emulate_fallback == "on",
+        cmdline=args.cmdline, symbols=tuple(str(path) for path in args.symbols),
     )  # fmt: skip
+    machine = assemble_machine(config)
     try:
-        install_platform_devices(machine, serial=args.serial, debug_exit_port=args.debug_exit_port)
-        # Linux distribution kernels find virtio over PCI; PVH/ELF guests use virtio-mmio
-        linux_kernel = args.kernel is not None and is_bzimage(args.kernel)
-        install_virtio_devices(
-            machine, disks=args.disk, nets=args.net, console=args.console, rng=args.rng,
-            iothreads=args.iothreads == "on", default_transport="pci" if linux_kernel else "mmio",
-        )  # fmt: skip
         modules = [args.initrd] if args.initrd is not None else []
         if args.flat is not None:
             if modules or args.cmdline:
@@ -155,6 +189,10 @@ def build_machine(args: argparse.Namespace) -> Machine:
 
                 image = demo_guest()
             machine.load(image, kind="elf", cmdline=args.cmdline, modules=modules, decompress=args.decompress)
+        guest = machine.guest
+        if guest is not None:  # what a snapshot needs to describe the image it continues
+            symbol_file = str(guest.symbol_file.absolute()) if guest.symbol_file is not None else None
+            machine.config = dataclasses.replace(config, guest_image=symbol_file, guest_kind=guest.kind)
         if args.symbols:
             machine.symbolize = symbolizer_for(args.symbols, machine.guest)
     except BaseException:

@@ -66,6 +66,7 @@ class ControlProtocol:
             "profile-dump": self._profile_dump,
             "read-memory": self._read_memory,
             "read-registers": self._read_registers,
+            "snapshot": self._snapshot,
         }
 
     def handle_line(self, line: bytes) -> bytes:
@@ -346,6 +347,25 @@ class ControlProtocol:
         full_path = os.path.abspath(path)
         profile_file.save(profile, full_path)
         return {"path": full_path, "bytes": os.path.getsize(full_path), **self._profile_summary(profile)}
+
+    def _snapshot(self, arguments: dict[str, Any]) -> object:
+        from vmscope.snapshot.save import save_snapshot
+
+        self._require_running("snapshot")
+        path = arguments["path"]
+        if not path or "\0" in path:
+            raise ControlRequestError(
+                "invalid-argument", "snapshot: 'path' must be a non-empty directory name"
+            )
+        info = save_snapshot(self.machine, os.path.abspath(path), stop=arguments["stop"])
+        return {
+            "path": str(info.path),
+            "state_bytes": info.state_bytes,
+            "memory_bytes": info.memory_bytes,
+            "memory_data_bytes": info.memory_data_bytes,
+            "paused_s": round(info.paused_s, 6),
+            "stopped": arguments["stop"],
+        }
 
     def _read_memory(self, arguments: dict[str, Any]) -> object:
         address: int = arguments["address"]

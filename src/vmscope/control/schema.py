@@ -188,6 +188,22 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "snapshot",
+        "save the VM's complete state to a snapshot directory (vmscope run --restore PATH continues it); "
+        "the vCPUs are paused and in-flight I/O finished first, then the VM resumes or, with stop, ends",
+        (
+            Argument(
+                "path",
+                "string",
+                "snapshot directory, absolute or relative to the VMM's directory",
+                required=True,
+            ),
+            Argument(
+                "stop", "boolean", "end the run (status 0) after saving instead of resuming", default=False
+            ),
+        ),
+    ),
+    Command(
         "read-registers",
         "general registers, rip, rflags, segments and control registers of one vCPU",
         (_VCPU,),

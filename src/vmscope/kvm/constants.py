@@ -42,6 +42,7 @@ KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, s.kvm_msr_list)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, s.kvm_cpuid2)
 
 # VM ioctls
@@ -51,9 +52,15 @@ KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, ctypes.c_uint64)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, s.kvm_irq_level)
+KVM_GET_IRQCHIP = _iowr(0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP = _ior(0x63, s.kvm_irqchip)  # sic: the kernel defines it as _IOR
 KVM_SET_GSI_ROUTING = _iow(0x6A, s.kvm_irq_routing)
 KVM_IRQFD = _iow(0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, s.kvm_pit_config)
+KVM_SET_CLOCK = _iow(0x7B, s.kvm_clock_data)
+KVM_GET_CLOCK = _ior(0x7C, s.kvm_clock_data)
+KVM_GET_PIT2 = _ior(0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = _iow(0xA0, s.kvm_pit_state2)
 KVM_IOEVENTFD = _iow(0x79, s.kvm_ioeventfd)
 KVM_SIGNAL_MSI = _iow(0xA5, s.kvm_msi)
 KVM_ENABLE_CAP = _iow(0xA3, s.kvm_enable_cap)
@@ -72,11 +79,16 @@ KVM_SET_FPU = _iow(0x8D, s.kvm_fpu)
 KVM_GET_LAPIC = _ior(0x8E, s.kvm_lapic_state)
 KVM_SET_LAPIC = _iow(0x8F, s.kvm_lapic_state)
 KVM_SET_CPUID2 = _iow(0x90, s.kvm_cpuid2)
+KVM_GET_CPUID2 = _iowr(0x91, s.kvm_cpuid2)
 KVM_GET_MP_STATE = _ior(0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _iow(0x99, s.kvm_mp_state)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, s.kvm_guest_debug)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, s.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _ior(0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = _iow(0xA2, s.kvm_debugregs)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, s.kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, s.kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, s.kvm_xcrs)
@@ -104,9 +116,13 @@ class Cap(enum.IntEnum):
     PIT2 = 33
     IOEVENTFD = 36
     SET_IDENTITY_MAP_ADDR = 37
+    ADJUST_CLOCK = 39
     VCPU_EVENTS = 41
+    DEBUGREGS = 50
     XSAVE = 55
     XCRS = 56
+    TSC_CONTROL = 60
+    GET_TSC_KHZ = 61
     MAX_VCPUS = 66
     SYNC_REGS = 74
     SIGNAL_MSI = 77
@@ -203,6 +219,11 @@ X86_DISABLE_EXITS_MWAIT = 1 << 0
 X86_DISABLE_EXITS_HLT = 1 << 1
 X86_DISABLE_EXITS_PAUSE = 1 << 2
 X86_DISABLE_EXITS_CSTATE = 1 << 3
+
+# kvm_irqchip.chip_id
+IRQCHIP_PIC_MASTER = 0
+IRQCHIP_PIC_SLAVE = 1
+IRQCHIP_IOAPIC = 2
 
 MEM_LOG_DIRTY_PAGES = 1 << 0
 MEM_READONLY = 1 << 1

@@ -7,6 +7,7 @@ the other; tests/unit/test_kvm_abi.py compares sizes and offsets with the real h
 from __future__ import annotations
 
 import ctypes
+from typing import TypeVar
 
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
@@ -266,7 +267,8 @@ class kvm_fpu(ctypes.Structure):
 
 
 class kvm_xsave(ctypes.Structure):
-    """The legacy 4 KiB XSAVE image (standard format) of KVM_GET/SET_XSAVE."""
+    """The legacy 4 KiB XSAVE image (standard format) of KVM_GET/SET_XSAVE; larger AMX state
+    would need KVM_GET_XSAVE2."""
 
     _fields_ = [("region", u32 * 1024)]
 
@@ -356,6 +358,76 @@ class kvm_enable_cap(ctypes.Structure):
 
 class kvm_guest_debug(ctypes.Structure):
     _fields_ = [("control", u32), ("pad", u32), ("debugreg", u64 * 8)]
+
+
+# --- saved machine state (snapshots) -----------------------------------------------------
+
+_Struct = TypeVar("_Struct", bound=ctypes.Structure)
+
+
+def from_bytes(struct_type: type[_Struct], data: bytes, what: str) -> _Struct:
+    """A fresh structure filled from saved bytes, which must be exactly its size."""
+    if len(data) != ctypes.sizeof(struct_type):
+        from vmscope.errors import KvmError
+
+        raise KvmError(f"{what} state is {len(data)} bytes, KVM wants {ctypes.sizeof(struct_type)}")
+    return struct_type.from_buffer_copy(data)
+
+
+
+class kvm_msr_list(ctypes.Structure):
+    """Header only; the indices follow it (see :func:`msr_list_with_entries`)."""
+
+    _fields_ = [("nmsrs", u32)]
+
+
+def msr_list_with_entries(count: int) -> type[ctypes.Structure]:
+    class kvm_msr_list_n(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("indices", u32 * count)]
+
+    return kvm_msr_list_n
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", u32),
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_irqchip(ctypes.Structure):
+    # the chip union (kvm_pic_state / kvm_ioapic_state) is kept as its raw 512 bytes
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
 
 
 # binary stats (KVM_GET_STATS_FD)

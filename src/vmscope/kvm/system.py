@@ -103,6 +103,19 @@ class Kvm:
                 entries.append(entry)
             return entries
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU (a snapshot's list)."""
+        probe = s.kvm_msr_list(nmsrs=0)
+        try:
+            ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, probe, "KVM_GET_MSR_INDEX_LIST")
+        except KvmError as error:
+            if error.errno != 7:  # E2BIG: the kernel wrote the count it needs
+                raise
+        table = s.msr_list_with_entries(probe.nmsrs)()
+        table.nmsrs = probe.nmsrs
+        ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, table, "KVM_GET_MSR_INDEX_LIST")
+        return [int(table.indices[i]) for i in range(table.nmsrs)]
+
     def create_vm(self) -> Vm:
         from vmscope.kvm.vm import Vm
 

@@ -172,6 +172,20 @@ class Vcpu:
         KVM supplied them (KVM_CAP_EXIT_ON_EMULATION_FAILURE hosts), else None."""
         return emulation_failure_bytes(self.run_struct) or None
 
+    def get_debugregs(self) -> s.kvm_debugregs:
+        debugregs = s.kvm_debugregs()
+        ioctl(self.fd, c.KVM_GET_DEBUGREGS, debugregs, "KVM_GET_DEBUGREGS")
+        return debugregs
+
+    def set_debugregs(self, debugregs: s.kvm_debugregs) -> None:
+        ioctl(self.fd, c.KVM_SET_DEBUGREGS, debugregs, "KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, c.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, c.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
     def set_entry_state(self, state: CpuEntryState) -> None:
         """Load a loader-produced boot state: segments, control registers, rip, rflags, gprs."""
         sregs = self.get_sregs()  # keeps apic_base and the interrupt bitmap as KVM set them
@@ -201,6 +215,13 @@ class Vcpu:
         for index, entry in enumerate(entries):
             table.entries[index] = entry
         ioctl(self.fd, c.KVM_SET_CPUID2, table, "KVM_SET_CPUID2")
+
+    def get_cpuid(self, capacity: int = 256) -> list[s.kvm_cpuid_entry2]:
+        """KVM_GET_CPUID2: the table this vCPU was given with set_cpuid."""
+        table = s.cpuid2_with_entries(capacity)()
+        table.nent = capacity
+        ioctl(self.fd, c.KVM_GET_CPUID2, table, "KVM_GET_CPUID2")
+        return [s.kvm_cpuid_entry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         wanted = list(indices)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import TYPE_CHECKING
 
+from vmscope.errors import KvmError
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.kvm._ioctl import ioctl
@@ -107,6 +109,38 @@ class Vm:
             return False
         self.enable_cap(c.Cap.EXIT_ON_EMULATION_FAILURE, 1)
         return True
+
+    # -- saved state (snapshots): raw structure bytes, restored with the matching setter --------
+
+    def get_pit2(self) -> bytes:
+        state = s.kvm_pit_state2()
+        ioctl(self.fd, c.KVM_GET_PIT2, state, "KVM_GET_PIT2")
+        return bytes(state)
+
+    def set_pit2(self, data: bytes) -> None:
+        ioctl(self.fd, c.KVM_SET_PIT2, s.from_bytes(s.kvm_pit_state2, data, "PIT2"), "KVM_SET_PIT2")
+
+    def get_clock(self) -> s.kvm_clock_data:
+        clock = s.kvm_clock_data()
+        ioctl(self.fd, c.KVM_GET_CLOCK, clock, "KVM_GET_CLOCK")
+        return clock
+
+    def set_clock(self, nanoseconds: int) -> None:
+        """Set kvmclock's base (flags 0: the guest's clock continues from ``nanoseconds``)."""
+        ioctl(self.fd, c.KVM_SET_CLOCK, s.kvm_clock_data(clock=nanoseconds), "KVM_SET_CLOCK")
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """The 512-byte state of one in-kernel chip (c.IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC)."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, c.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({chip_id})")
+        return bytes(chip.chip)
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        if len(data) != len(chip.chip):
+            raise KvmError(f"irqchip {chip_id} state is {len(data)} bytes, KVM wants {len(chip.chip)}")
+        ctypes.memmove(chip.chip, data, len(data))
+        ioctl(self.fd, c.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({chip_id})")
 
     def stats_fd(self) -> int:
         """A file descriptor for the VM's binary statistics (see kvm.stats)."""

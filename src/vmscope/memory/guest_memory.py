@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -88,18 +89,34 @@ def _advise_huge_pages(mapping: mmap.mmap) -> None:
 class GuestMemory:
     """Guest-physical RAM split around the x86 MMIO hole, with bounds-checked access."""
 
-    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
-        """Map anonymous host memory for each (guest_base, size) pair."""
+    def __init__(self, regions: Sequence[tuple[int, int]], *, backing_fd: int | None = None) -> None:
+        """Map host memory for each (guest_base, size) pair: anonymous, or with ``backing_fd``
+        a private copy-on-write mapping of that file, the regions one after another in it.
+
+        A private file mapping reads a page from the file only when it is first touched and
+        never writes back: a snapshot's RAM file becomes guest RAM without reading all of it.
+        """
         self._regions: list[MemoryRegion] = []
+        file_offset = 0
         for slot, (base, size) in enumerate(sorted(regions)):
             if size <= 0 or size % mmap.PAGESIZE or base % mmap.PAGESIZE:
                 raise ConfigError(f"memory region {base:#x}+{size:#x} is not page aligned")
             if self._regions and base < self._regions[-1].guest_end:
                 raise ConfigError(f"memory region {base:#x}+{size:#x} overlaps another")
-            mapping = mmap.mmap(
-                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            )
-            _advise_huge_pages(mapping)
+            if backing_fd is None:
+                mapping = mmap.mmap(
+                    -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+                )
+                _advise_huge_pages(mapping)
+            else:
+                mapping = mmap.mmap(
+                    backing_fd,
+                    size,
+                    flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=file_offset,
+                )
+                file_offset += size
             host_address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
             self._regions.append(MemoryRegion(base, size, mapping, host_address, slot))
         if not self._regions:
@@ -108,7 +125,7 @@ class GuestMemory:
         self._low = self._regions[0]
 
     @classmethod
-    def for_size(cls, size: int) -> GuestMemory:
+    def for_size(cls, size: int, *, backing_fd: int | None = None) -> GuestMemory:
         """Lay out ``size`` bytes of RAM the way a PC does: below the hole, rest above 4 GiB."""
         if size < 1 << 20:
             raise ConfigError(f"guest memory of {size} bytes is too small: give at least 1M")
@@ -117,7 +134,17 @@ class GuestMemory:
         regions = [(0, low)]
         if size > low:
             regions.append((HIGH_RAM_START, size - low))
-        return cls(regions)
+        return cls(regions, backing_fd=backing_fd)
+
+    @classmethod
+    def from_private_file(cls, path: str | os.PathLike[str], size: int) -> GuestMemory:
+        """``size`` bytes of RAM laid out as :meth:`for_size`, mapped privately and lazily from
+        ``path`` (the regions' contents one after another; a snapshot's RAM file)."""
+        with open(path, "rb") as file:
+            actual = os.fstat(file.fileno()).st_size
+            if actual != size:
+                raise ConfigError(f"{path}: RAM file is {actual} bytes, expected {size}")
+            return cls.for_size(size, backing_fd=file.fileno())  # the mappings outlive the fd
 
     # -- layout -------------------------------------------------------------------------
 

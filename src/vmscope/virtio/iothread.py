@@ -138,6 +138,7 @@ class IoThread:
     def start(self) -> None:
         if self._thread is not None:
             return
+        drain_eventfd(self._stop_fd)  # a thread started again after stop() must not end at once
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -337,6 +338,18 @@ class VirtioIoThread:
     def start(self) -> None:
         if self.needed:
             self.thread.start()
+
+    def quiesce(self) -> None:
+        """Stop the thread, then serve here every queue notification it had not served yet.
+
+        With the vCPUs paused no new request arrives, so afterwards every request the driver
+        submitted has completed (a snapshot's precondition); :meth:`start` resumes the thread.
+        """
+        self.thread.stop()
+        for index, fd in enumerate(self.queue_fds):
+            drain_eventfd(fd)
+            # unconditionally: a chain published while the thread polled has no notification
+            self.device.queue_notify(index)
 
     def stop(self, timeout: float = 5.0) -> bool:
         return self.thread.stop(timeout)

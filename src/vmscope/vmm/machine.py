@@ -42,6 +42,7 @@ from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import PciPlatform
+from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
@@ -114,12 +115,17 @@ class Machine:
         kvm_device: str = "/dev/kvm",
         strict_devices: bool = False,
         emulate_fallback: bool = True,
+        memory: GuestMemory | None = None,
     ) -> None:
         """``strict_devices``: a device model that raises stops the VM (status 1) instead of
         being logged and answered with all-ones while the guest runs on.
         ``emulate_fallback``: complete in vmscope the instructions the host's KVM fails to
-        emulate (vmm.fallback); off, such a failure ends the run with a crash report."""
+        emulate (vmm.fallback); off, such a failure ends the run with a crash report.
+        ``memory``: guest RAM already mapped (of ``mem`` bytes; e.g. a snapshot's), instead of
+        fresh zeroed RAM."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
+        if memory is not None and memory.size != size:
+            raise ConfigError(f"the given guest memory is {memory.size} bytes, not {size}")
         self.kvm = Kvm(kvm_device)
         self.kvm.require(*REQUIRED_CAPS)
         if self.kvm.backend == "kvm_pvm":
@@ -137,7 +143,7 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.memory = GuestMemory.for_size(size)
+        self.memory = memory if memory is not None else GuestMemory.for_size(size)
         for region in self.memory.regions:
             self.vm.set_user_memory_region(region.slot, region.guest_base, region.size, region.host_address)
 
@@ -173,6 +179,8 @@ class Machine:
             self.hooks.attach_runner(runner)
 
         self.guest: LoadedGuest | None = None
+        #: how this machine was built (set by vmm.assemble); what a snapshot records
+        self.config: MachineConfig | None = None
         #: what devices and attachments add to ACPI tables and a kernel's command line
         self.firmware = FirmwareContributions()
         #: the PCI bus and its routing, made by the first virtio-pci attachment
@@ -367,6 +375,18 @@ class Machine:
         self.guest = guest
         if guest.symbol_file is not None and self.symbolize is None:
             self.symbolize = _elf_symbolizer(guest.symbol_file)
+
+    def adopt_restored_guest(self, *, kind: str, symbol_file: Path | None) -> None:
+        """RAM and vCPU state came from a snapshot: the machine may start without load().
+
+        The guest record only describes the image (symbols, kind); its entry state is never
+        applied, since the vCPUs continue from their restored registers.
+        """
+        from vmscope.arch.x86.modes import real_mode_state
+
+        self.guest = LoadedGuest(real_mode_state(0), symbol_file=symbol_file, kind=kind)
+        if symbol_file is not None and self.symbolize is None:
+            self.symbolize = _elf_symbolizer(symbol_file)
 
     # -- running ----------------------------------------------------------------------------
 
