@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from vmscope import __version__
-from vmscope.errors import VmscopeError
+# Everything else is imported inside main(): a Ctrl-C during start-up must end quietly (status 130),
+# which only the try block there can promise.
+if TYPE_CHECKING:
+    import argparse
 
 DESCRIPTION = """\
 vmscope boots guests on Linux KVM and shows where every cycle of the virtual machine goes.
@@ -29,6 +29,11 @@ SUBCOMMANDS = ("run", "stat", "record", "report", "diff", "initramfs", "ctl", "t
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; with a subcommand in ``argv`` only that subcommand's module is imported."""
+    import argparse
+    import importlib
+
+    from vmscope import __version__
+
     parser = argparse.ArgumentParser(
         prog="vmscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -42,6 +47,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C anywhere, including the imports of start-up: no traceback, the shell's status
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    import logging
+
+    from vmscope.errors import VmscopeError
+
     arguments = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
@@ -58,8 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmscopeError as error:
         print(f"vmscope: {error}", file=sys.stderr)
         return error.exit_status
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,17 @@ def _int(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x for hex)") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (a negative or zero limit would stop the guest at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +87,7 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="isa-debug-exit port (default 0xf4)",
     )
-    machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+    machine.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="stop the guest after this long")
     machine.add_argument(
         "--control", metavar="PATH", help="serve a control socket (mode 0600) at PATH for vmscope ctl / top"
     )

@@ -220,12 +220,13 @@ def _stop_reader(thread: threading.Thread | None, waker: _Waker | None) -> None:
 class FileBackend(SerialBackend):
     """Appends guest output to a file, one unbuffered write per guest write."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, option: str = "serial") -> None:
+        """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         try:
             self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
-            raise ConfigError(f"serial file:{path}: cannot open for appending: {error.strerror}") from None
+            raise ConfigError(f"{option} file:{path}: cannot open for appending: {error.strerror}") from None
 
     def write(self, data: bytes) -> None:
         fd = self._fd
@@ -246,16 +247,16 @@ class FileBackend(SerialBackend):
             os.close(fd)
 
 
-def _claim_socket_path(path: str) -> None:
+def _claim_socket_path(path: str, option: str) -> None:
     """Remove a stale socket left at ``path`` by a VMM that died; refuse anything else."""
     try:
         status = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as error:
-        raise ConfigError(f"serial unix:{path}: {error.strerror}") from None
+        raise ConfigError(f"{option} unix:{path}: {error.strerror}") from None
     if not stat.S_ISSOCK(status.st_mode):
-        raise ConfigError(f"serial unix:{path}: exists and is not a socket; refusing to replace it")
+        raise ConfigError(f"{option} unix:{path}: exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -263,10 +264,12 @@ def _claim_socket_path(path: str) -> None:
         os.unlink(path)
         return
     except OSError as error:
-        raise ConfigError(f"serial unix:{path}: cannot check the existing socket: {error.strerror}") from None
+        raise ConfigError(
+            f"{option} unix:{path}: cannot check the existing socket: {error.strerror}"
+        ) from None
     finally:
         probe.close()
-    raise ConfigError(f"serial unix:{path}: another process is listening on this socket")
+    raise ConfigError(f"{option} unix:{path}: another process is listening on this socket")
 
 
 class UnixSocketBackend(SerialBackend):
@@ -278,10 +281,11 @@ class UnixSocketBackend(SerialBackend):
     write goes through whole again: the guest must never stall on a client.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, option: str = "serial") -> None:
+        """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         self.dropped_bytes = 0
-        _claim_socket_path(path)
+        _claim_socket_path(path, option)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(path)
@@ -289,7 +293,7 @@ class UnixSocketBackend(SerialBackend):
             self._inode = os.stat(path).st_ino
         except OSError as error:
             self._listener.close()
-            raise ConfigError(f"serial unix:{path}: cannot listen: {error.strerror}") from None
+            raise ConfigError(f"{option} unix:{path}: cannot listen: {error.strerror}") from None
         self._client: socket.socket | None = None
         self._congested = False  # the last write timed out; do not wait for this client again
         self._connected = threading.Event()
@@ -416,40 +420,44 @@ class SerialSpec:
         return self.kind if self.path is None else f"{self.kind}:{self.path}"
 
 
-def parse_serial_spec(text: str) -> SerialSpec:
-    """Parse ``stdio``, ``none``, ``file:PATH`` or ``unix:PATH``; raise ConfigError otherwise."""
+def parse_serial_spec(text: str, option: str = "serial") -> SerialSpec:
+    """Parse ``stdio``, ``none``, ``file:PATH`` or ``unix:PATH``; raise ConfigError otherwise.
+
+    ``option`` names the setting in errors: "serial" for COM1, "console" for virtio-console."""
     if text == "stdio":
         return SerialSpec("stdio")
     if text == "none":
         return SerialSpec("none")
     kind, colon, path = text.partition(":")
     if not colon or kind not in ("file", "unix"):
-        raise ConfigError(f"serial {text!r}: expected {_SPEC_FORMS}")
+        raise ConfigError(f"{option} {text!r}: expected {_SPEC_FORMS}")
     if not path:
         example = "/tmp/guest.log" if kind == "file" else "/tmp/guest.sock"
-        raise ConfigError(f"serial {text!r}: {kind}: needs a path, e.g. {kind}:{example}")
+        raise ConfigError(f"{option} {text!r}: {kind}: needs a path, e.g. {kind}:{example}")
     if "\0" in path:
-        raise ConfigError(f"serial {text!r}: the path contains a NUL character")
+        raise ConfigError(f"{option} {text!r}: the path contains a NUL character")
     if kind == "file":
         return SerialSpec("file", path)
     length = len(os.fsencode(path))
     if length > _UNIX_PATH_MAX:
         raise ConfigError(
-            f"serial {kind}:{path[:40]}...: socket path is {length} bytes, "
+            f"{option} {kind}:{path[:40]}...: socket path is {length} bytes, "
             f"over the {_UNIX_PATH_MAX} Linux allows"
         )
     return SerialSpec("unix", path)
 
 
-def open_serial_backend(spec: SerialSpec | str) -> SerialBackend:
-    """Create the backend a spec names (a string is parsed first); ConfigError if it cannot be opened."""
-    parsed = parse_serial_spec(spec) if isinstance(spec, str) else spec
+def open_serial_backend(spec: SerialSpec | str, option: str = "serial") -> SerialBackend:
+    """Create the backend a spec names (a string is parsed first); ConfigError if it cannot be opened.
+
+    ``option`` names the setting in errors ("serial", "console")."""
+    parsed = parse_serial_spec(spec, option) if isinstance(spec, str) else spec
     if parsed.kind == "stdio":
         return StdioBackend()
     if parsed.kind == "none":
         return NullBackend()
     if parsed.path is None:
-        raise ConfigError(f"serial {parsed.kind}: needs a path")
+        raise ConfigError(f"{option} {parsed.kind}: needs a path")
     if parsed.kind == "file":
-        return FileBackend(parsed.path)
-    return UnixSocketBackend(parsed.path)
+        return FileBackend(parsed.path, option)
+    return UnixSocketBackend(parsed.path, option)

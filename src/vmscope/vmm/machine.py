@@ -35,7 +35,7 @@ from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
-from vmscope.memory.guest_memory import GuestMemory, parse_size
+from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import pci_dsdt_aml
 from vmscope.vmm.crash import CrashReport, build_crash_report
@@ -106,6 +106,7 @@ class Machine:
         """``strict_devices``: a device model that raises stops the VM (status 1) instead of
         being logged and answered with all-ones while the guest runs on."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
+        check_fits_host(size)
         self.kvm = Kvm(kvm_device)
         self.kvm.require(*REQUIRED_CAPS)
         if self.kvm.backend == "kvm_pvm":
@@ -359,6 +360,8 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> RunResult:
         """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended."""
+        if timeout is not None and not timeout > 0:  # also NaN
+            raise ConfigError(f"timeout {timeout!r}: give a positive number of seconds (or None)")
         previous_term = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
