@@ -57,24 +57,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     import logging
 
+    from vmscope import log_sink
     from vmscope.errors import VmscopeError
 
     arguments = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(
-        level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s"
-    )
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    # guest-triggered lines are rate-limited and written by a thread of their own (see log_sink)
+    log_sink.install(level, "vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s")
     try:
         status: int = args.func(args)
         return status
     except VmscopeError as error:
         print(f"vmscope: {error}", file=sys.stderr)
         return error.exit_status
+    finally:
+        log_sink.uninstall()
 
 
 if __name__ == "__main__":

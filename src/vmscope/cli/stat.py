@@ -6,6 +6,7 @@ import argparse
 import sys
 import threading
 
+from vmscope import log_sink
 from vmscope.cli.record import merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.model import Profile
@@ -50,6 +51,12 @@ def handle(args: argparse.Namespace) -> int:
         if printer is not None:
             printer.join()
         render_kvm_stat(snapshot(machine), console, options, console.is_terminal)
+        held_back = log_sink.counts()
+        console.print(
+            f"log lines held back: {held_back.suppressed} suppressed (rate limit per cause), "
+            f"{held_back.dropped} dropped (log writer behind)",
+            highlight=False,
+        )
     finally:
         machine.close()
     report_result(result, args.quiet)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmscope import log_sink
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
@@ -239,6 +240,9 @@ class ProfileRecorder:
             meta.guest_kind = machine.guest.kind
             if machine.guest.symbol_file is not None:
                 meta.guest_image = str(machine.guest.symbol_file)
+        held_back = log_sink.counts()
+        meta.extra["log_lines_suppressed"] = str(held_back.suppressed)
+        meta.extra["log_lines_dropped"] = str(held_back.dropped)
         meta.extra["kicks"] = str(sum(s.kicks_sent for s in self._states.values()))
         meta.extra["exit_sample_stride_max"] = str(
             max((s.exit_sample_stride for s in self._states.values()), default=1)
