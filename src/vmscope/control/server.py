@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from vmscope import sandbox
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError, PageFault, VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.profiler.histogram import LatencyHistogram
@@ -840,6 +841,11 @@ class ControlServer:
 
     def _serve(self) -> None:
         name_host_thread()
+        try:
+            sandbox.enter("control")
+        except ConfigError as error:
+            log.error("control socket: %s", error)
+            return
         selector = self._selector
         assert selector is not None
         while not self._closing.is_set():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmscope import sandbox
 from vmscope.arch.x86 import cpuid as cpuid_policy
 from vmscope.arch.x86.acpi import build_acpi_tables
 from vmscope.arch.x86.cpu_state import CpuMode
@@ -358,8 +359,11 @@ class Machine:
             return None
         return self.result()
 
-    def run(self, timeout: float | None = None) -> RunResult:
-        """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended."""
+    def run(self, timeout: float | None = None, *, confine_caller: bool = False) -> RunResult:
+        """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended.
+
+        ``confine_caller``: once the machine runs, bind the calling thread to the sandbox's "main"
+        allow-list too (the CLI does; a program embedding vmscope usually cannot live with that)."""
         if timeout is not None and not timeout > 0:  # also NaN
             raise ConfigError(f"timeout {timeout!r}: give a positive number of seconds (or None)")
         previous_term = None
@@ -370,6 +374,8 @@ class Machine:
             )
         try:
             self.start()
+            if confine_caller:
+                sandbox.enter("main")
             try:
                 if self.wait(timeout) is None:
                     self.request_stop(f"stopped after the {timeout:g} s time limit", 124)
