@@ -30,7 +30,7 @@ class Intruder(vmscope.Device):
         return b"\\0" * size
     def write(self, offset, data):
         if sys.argv[2] == "open":
-            os.close(os.open("/etc/hostname", os.O_RDONLY))
+            os.close(os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT, 0o600))
         else:
             os.execv("/bin/true", ["true"])
         print("the call went through", flush=True)
@@ -43,25 +43,30 @@ with vmscope.Machine(mem="64M") as vm:
 """
 
 
-def run_script(mode: str, call: str) -> subprocess.CompletedProcess[str]:
+def run_script(mode: str, call: str, new_file: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, call], capture_output=True, text=True, timeout=120, env=ENV
-    )
+        [sys.executable, "-c", SCRIPT, mode, call, str(new_file)],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(("call", "name"), [("open", "openat"), ("exec", "execve")])
-def test_a_forbidden_call_from_a_vcpu_thread_is_stopped_with_a_message(call: str, name: str) -> None:
-    result = run_script("on", call)
+def test_a_forbidden_call_from_a_vcpu_thread_is_stopped_with_a_message(
+    call: str, name: str, tmp_path: Path
+) -> None:
+    result = run_script("on", call, tmp_path / "new-file")
     assert result.returncode == FORBIDDEN_CALL_STATUS, result.stderr
     assert f"thread 'vcpu0' made the forbidden system call {name}" in result.stderr
     assert "the call went through" not in result.stdout
+    assert not (tmp_path / "new-file").exists()
 
 
-def test_log_mode_lets_the_call_through() -> None:
-    result = run_script("log", "open")
+def test_log_mode_lets_the_call_through(tmp_path: Path) -> None:
+    result = run_script("log", "open", tmp_path / "new-file")
     assert result.returncode == 0, result.stderr
     assert "the call went through" in result.stdout
     assert "guest powered off" in result.stdout
+    assert (tmp_path / "new-file").exists()
 
 
 def test_cli_runs_the_demo_with_disk_rng_console_and_record_sandboxed(tmp_path: Path) -> None:

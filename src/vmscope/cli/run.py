@@ -30,8 +30,8 @@ examples:
 """
 
 
-#: see vmscope.sandbox; "log" until the whole test suite passes with "on"
-DEFAULT_SECCOMP = "log"
+#: see vmscope.sandbox; the whole test suite passes with "on"
+DEFAULT_SECCOMP = "on"
 
 
 def _int(text: str) -> int:

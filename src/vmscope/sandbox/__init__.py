@@ -33,6 +33,8 @@ _sigsys_handler: object = None  # keeps the ctypes callback alive
 _syscall_names: dict[int, str] = {}
 _CLONE_THREAD = 0x0001_0000
 _PR_GET_NAME = 16
+#: open flags that write or create: O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND | O_TMPFILE's bit
+_OPEN_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | 0o20000000
 
 
 def configure(mode: str) -> None:
@@ -72,6 +74,10 @@ def enter(kind: str) -> bool:
             rules.allow(ioctl, argument=1, value=KVMIO << 8, mask=0xFF00)
         for request in policy.extra_ioctls:
             rules.allow(ioctl, argument=1, value=request)
+        if policy.read_only_open:
+            openat = libseccomp.syscall_number("openat")
+            assert openat is not None
+            rules.allow(openat, argument=2, value=0, mask=_OPEN_WRITE_FLAGS)
         if policy.threads:
             clone = libseccomp.syscall_number("clone")
             clone3 = libseccomp.syscall_number("clone3")

@@ -32,6 +32,15 @@ COMMON = (
     "recvfrom", "sendto", "recvmsg", "sendmsg",
 )  # fmt: skip
 
+#: Python imports lazily (capstone for a crash report, a symbol file on first use): vCPU and I/O
+#: threads may open files read-only (openat with O_RDONLY, no O_CREAT/O_TRUNC); never create or
+#: write one
+READ_FILES = (
+    "getcwd", "readlink", "readlinkat", "statx", "getdents64", "fstatfs", "statfs", "stat", "lstat",
+    "access", "faccessat", "faccessat2", "getuid", "geteuid", "getgid", "getegid", "getppid", "uname",
+    "sysinfo", "sched_getaffinity",
+)  # fmt: skip
+
 #: disk and network backends: flushes, discards, sockets already bound
 DEVICE_IO = ("fsync", "fdatasync", "fallocate", "getsockopt", "setsockopt", "shutdown")
 
@@ -57,11 +66,13 @@ class ThreadPolicy:
     kvm_ioctls: bool = True
     #: may start threads (clone with CLONE_THREAD only: never a new process)
     threads: bool = False
+    #: may open files only for reading (the file syscalls of MAIN allow any open)
+    read_only_open: bool = False
 
 
 POLICIES = {
-    "vcpu": ThreadPolicy("vcpu", COMMON + DEVICE_IO, TERMINAL_IOCTLS),
-    "io": ThreadPolicy("io", COMMON + DEVICE_IO, TERMINAL_IOCTLS),
+    "vcpu": ThreadPolicy("vcpu", COMMON + DEVICE_IO + READ_FILES, TERMINAL_IOCTLS, read_only_open=True),
+    "io": ThreadPolicy("io", COMMON + DEVICE_IO + READ_FILES, TERMINAL_IOCTLS, read_only_open=True),
     # profile-start imports the recorder and starts a sampler thread; profile-dump writes a file
     "control": ThreadPolicy("control", COMMON + DEVICE_IO + CONTROL + MAIN, TERMINAL_IOCTLS, threads=True),
     "main": ThreadPolicy("main", COMMON + DEVICE_IO + CONTROL + MAIN, TERMINAL_IOCTLS, threads=True),
