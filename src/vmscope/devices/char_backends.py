@@ -224,7 +224,9 @@ class FileBackend(SerialBackend):
         """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd: int | None = os.open(
+                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )  # guest output: owner only
         except OSError as error:
             raise ConfigError(f"{option} file:{path}: cannot open for appending: {error.strerror}") from None
 
@@ -288,6 +290,8 @@ class UnixSocketBackend(SerialBackend):
         _claim_socket_path(path, option)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # the file gets the socket inode's mode: owner only, like the control socket
+            os.fchmod(self._listener.fileno(), 0o600)
             self._listener.bind(path)
             self._listener.listen(1)
             self._inode = os.stat(path).st_ino

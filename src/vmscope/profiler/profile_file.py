@@ -71,7 +71,7 @@ def save(profile: Profile, path: str | os.PathLike[str]) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o600)  # guest memory contents (stacks, symbols): owner only
         os.replace(temporary, path_text)
     except OSError as error:
         with contextlib.suppress(OSError):
