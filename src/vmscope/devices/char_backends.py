@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from vmscope import sandbox
 from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread
 
@@ -188,6 +189,7 @@ class StdioBackend(SerialBackend):
     @staticmethod
     def _read_loop(fd: int, waker: _Waker, deliver: InputSink) -> None:
         name_host_thread()
+        sandbox.enter_or_log("io")
         while waker.wait_readable(fd):
             try:
                 chunk = os.read(fd, _READ_CHUNK)
@@ -324,6 +326,7 @@ class UnixSocketBackend(SerialBackend):
 
     def _serve(self, waker: _Waker, deliver: InputSink) -> None:
         name_host_thread()
+        sandbox.enter_or_log("control")  # accepts clients on its listening socket
         listener = self._listener
         while not self._stopping and waker.wait_readable(listener.fileno()):
             try:

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vmscope import sandbox
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError
 from vmscope.gdbstub import protocol as p
 from vmscope.gdbstub import registers as r
@@ -483,6 +484,7 @@ class GdbStub:
 
     def _serve(self) -> None:
         name_host_thread()
+        sandbox.enter_or_log("control")  # accepts a debugger, reads and writes guest state
         listener = self._listener
         assert listener is not None
         try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmscope import log_sink
+from vmscope import log_sink, sandbox
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
@@ -211,6 +211,7 @@ class ProfileRecorder:
 
     def _sampler_loop(self) -> None:
         name_host_thread()
+        sandbox.enter_or_log("io")  # KVM ioctls, signal kicks and guest memory only
         period = 1.0 / self.frequency_hz
         next_tick = time.monotonic() + period
         while not self._stop.wait(max(0.0, next_tick - time.monotonic())):

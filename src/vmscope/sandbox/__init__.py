@@ -94,6 +94,14 @@ def enter(kind: str) -> bool:
     return True
 
 
+def enter_or_log(kind: str) -> None:
+    """:func:`enter` for helper threads: a filter that cannot be loaded is logged, the thread goes on."""
+    try:
+        enter(kind)
+    except ConfigError as error:
+        log.error("%s: %s", threading.current_thread().name, error)
+
+
 class _SigInfo(ctypes.Structure):
     # siginfo_t for SIGSYS on x86-64: signo, errno, code, padding, then _sigsys {call_addr, syscall, arch}
     _fields_ = [
