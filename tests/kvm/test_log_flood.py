@@ -83,3 +83,17 @@ def test_pause_and_quit_work_while_nobody_reads_stderr(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def test_the_profile_keeps_the_held_back_counts(tmp_path: Path) -> None:
+    from vmscope.profiler import profile_file
+
+    guest = status_flood_guest(tmp_path / "flood.bin", rounds=2000)
+    out = tmp_path / "flood.vmprof"
+    command = [sys.executable, "-m", "vmscope", "record", "-o", str(out), "--", "--flat", str(guest), "--mode",
+               "protected", "--load-address", "0x100000", "--rng", "--serial", "none"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 1, result.stderr
+    extra = profile_file.load(out).metadata.extra
+    assert int(extra["log_lines_suppressed"]) >= 2000 - 30
+    assert extra["log_lines_dropped"] == "0"
