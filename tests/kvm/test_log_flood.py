@@ -90,8 +90,8 @@ def test_the_profile_keeps_the_held_back_counts(tmp_path: Path) -> None:
 
     guest = status_flood_guest(tmp_path / "flood.bin", rounds=2000)
     out = tmp_path / "flood.vmprof"
-    command = [sys.executable, "-m", "vmscope", "record", "-o", str(out), "--", "--flat", str(guest), "--mode",
-               "protected", "--load-address", "0x100000", "--rng", "--serial", "none"]  # fmt: skip
+    command = [sys.executable, "-m", "vmscope", "record", "-o", str(out), "--", "--flat", str(guest),
+               "--mode", "protected", "--load-address", "0x100000", "--rng", "--serial", "none"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 1, result.stderr
     extra = profile_file.load(out).metadata.extra
