@@ -56,6 +56,16 @@ class DeviceError(VmscopeError):
     """A device model was misconfigured or a guest drove it into an invalid state."""
 
 
+class DeviceStateError(VmscopeError):
+    """A saved device state is malformed or does not fit the device it is loaded into."""
+
+    def __init__(self, device: str, field: str, problem: str) -> None:
+        super().__init__(f"{device}: state field {field!r}: {problem}")
+        self.device = device
+        self.field = field
+        self.problem = problem
+
+
 class BusConflictError(ConfigError):
     """Two devices were registered on overlapping address ranges."""
 

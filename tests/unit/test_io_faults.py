@@ -14,12 +14,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_virtio_block import IMAGE, make, run, submit
+from tests.unit.rigs.virtio_block import IMAGE, Request, submit
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import Arena, Ring
 from vmscope.memory.guest_memory import GuestMemory
-from vmscope.virtio.block import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from vmscope.virtio.block import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VirtioBlock,
+)
+from vmscope.virtio.mmio import VirtioMmioTransport
 from vmscope.virtio.net_backends import UdpBackend
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs / creating a dm device needs root")
+
+
+def make(memory: GuestMemory, image: Path) -> tuple[VirtioBlock, MmioDriver]:
+    disk = VirtioBlock(memory, image)
+    return disk, MmioDriver(VirtioMmioTransport(disk), memory, Arena(memory))
+
+
+def run(driver: MmioDriver, ring: Ring, request: Request) -> None:
+    driver.notify(0)
+    assert [head for head, _ in ring.take_used()] == [request.head]
 
 
 @pytest.fixture

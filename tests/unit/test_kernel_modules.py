@@ -29,7 +29,7 @@ from tests.kernel_fixture import (
     read_modules_dep,
     write_modules_dep,
 )
-from tests.unit.test_initramfs import read_newc
+from tests.unit.rigs.newc import read_newc
 from vmscope.initramfs import build_initramfs
 
 BOOT_TEST_MODULES = ("virtio_blk", "virtio_net", "virtio_mmio", "virtio_pci", "ext4")

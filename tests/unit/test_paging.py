@@ -72,3 +72,13 @@ def test_reads_and_writes_cross_page_boundaries(memory: GuestMemory) -> None:
 def test_paging_off_is_identity() -> None:
     memory = GuestMemory.for_size(1 << 20)
     assert translate(memory, PagingMode(cr0=1, cr3=0, cr4=0, efer=0), 0x1234) == 0x1234
+
+
+def test_paging_mode_from_sregs_reads_the_four_control_registers() -> None:
+    from vmscope.kvm import structs
+
+    sregs = structs.kvm_sregs()
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = 0x8000_0011, 0x1000, 0x20, 0x500
+    mode = PagingMode.from_sregs(sregs)
+    assert mode == PagingMode(cr0=0x8000_0011, cr3=0x1000, cr4=0x20, efer=0x500)
+    assert mode.enabled and mode.long_mode

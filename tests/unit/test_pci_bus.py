@@ -1,7 +1,7 @@
 """PCI bus 0 through configuration mechanism #1, the way a guest reaches it: ports 0xCF8 and 0xCFC-0xCFF.
 
-``PortDriver`` (also used by the other PCI test modules) does what Linux's ``pci_conf1_read``
-and ``pci_conf1_write`` do on a port bus with the :class:`PciBus` mapped at 0xCF8.
+``PortDriver`` (tests/unit/rigs/pci.py, shared by the PCI test modules) does what Linux's
+``pci_conf1_read`` and ``pci_conf1_write`` do on a port bus with the :class:`PciBus` mapped at 0xCF8.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import struct
 
 import pytest
 
+from tests.unit.rigs.pci import PortDriver, conf1_address
 from vmscope.arch.x86.acpi import build_dsdt
 from vmscope.bus import MmioBus, PioBus
 from vmscope.errors import BusConflictError, ConfigError
@@ -29,7 +30,6 @@ from vmscope.pci.device import (
     CAP_ID_VENDOR,
     COMMAND_MEMORY,
     PCI_BASE_ADDRESS_0,
-    PCI_CAPABILITY_LIST,
     PCI_COMMAND,
     PCI_HEADER_TYPE,
     PCI_INTERRUPT_LINE,
@@ -42,51 +42,6 @@ from vmscope.pci.device import (
 )
 
 ABSENT = 0xFFFF_FFFF
-
-
-def conf1_address(bus: int, slot: int, function: int, offset: int) -> int:
-    return 0x8000_0000 | bus << 16 | slot << 11 | function << 8 | (offset & 0xFC)
-
-
-class PortDriver:
-    """Configuration accesses through the I/O ports, with any width at any byte offset."""
-
-    def __init__(self, ports: PioBus) -> None:
-        self.ports = ports
-
-    def read(self, slot: int, offset: int, size: int = 4, *, function: int = 0, bus: int = 0) -> int:
-        self.ports.write(CONFIG_ADDRESS_PORT, struct.pack("<I", conf1_address(bus, slot, function, offset)))
-        return int.from_bytes(self.ports.read(0xCFC + (offset & 3), size), "little")
-
-    def write(self, slot: int, offset: int, value: int, size: int = 4, *, function: int = 0) -> None:
-        self.ports.write(CONFIG_ADDRESS_PORT, struct.pack("<I", conf1_address(0, slot, function, offset)))
-        self.ports.write(0xCFC + (offset & 3), (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
-
-    def capabilities(self, slot: int) -> list[tuple[int, int]]:
-        """(capability id, offset) walking the list from 0x34 like pci_find_capability (48 hops at most)."""
-        found = []
-        if not self.read(slot, PCI_STATUS, 2) & STATUS_CAP_LIST:
-            return found
-        position = self.read(slot, PCI_CAPABILITY_LIST, 1)
-        for _ in range(48):
-            if position < 0x40:
-                break
-            position &= ~3
-            cap_id = self.read(slot, position, 1)
-            if cap_id == 0xFF:
-                break
-            found.append((cap_id, position))
-            position = self.read(slot, position + 1, 1)
-        return found
-
-    def size_bar(self, slot: int, index: int) -> tuple[int, int]:
-        """Linux's __pci_read_base for one 32-bit BAR register: (value written back, all-ones readback)."""
-        offset = PCI_BASE_ADDRESS_0 + 4 * index
-        original = self.read(slot, offset)
-        self.write(slot, offset, 0xFFFF_FFFF)
-        sized = self.read(slot, offset)
-        self.write(slot, offset, original)
-        return original, sized
 
 
 class SampleFunction(PciDevice):

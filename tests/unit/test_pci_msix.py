@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
 
 import pytest
 
-from tests.unit.test_pci_bus import PortDriver
+from tests.unit.rigs.pci import FakeRoutingVm, PortDriver
 from vmscope.bus import PioBus
 from vmscope.errors import ConfigError
-from vmscope.kvm import structs as s
 from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus
 from vmscope.pci.device import CAP_ID_MSIX, BarKind, PciDevice
 from vmscope.pci.msix import (
@@ -215,34 +213,6 @@ def test_vector_count_is_checked() -> None:
 
 
 # -- KVM side -------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeRoutingVm:
-    tables: list[list[tuple[int, int, tuple[int, ...]]]] = field(default_factory=list)
-    irqfds: dict[int, int] = field(default_factory=dict)  # fd -> gsi
-    msis: list[tuple[int, int]] = field(default_factory=list)
-
-    def set_gsi_routing(self, entries: list[s.kvm_irq_routing_entry]) -> None:
-        table = []
-        for entry in entries:
-            if entry.type == KVM_IRQ_ROUTING_IRQCHIP:
-                payload: tuple[int, ...] = (entry.u.irqchip.irqchip, entry.u.irqchip.pin)
-            else:
-                payload = (entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data)
-            table.append((int(entry.gsi), int(entry.type), payload))
-        self.tables.append(table)
-
-    def register_irqfd(self, event_fd: int, gsi: int, resample_fd: int | None = None) -> None:
-        assert resample_fd is None  # MSI irqfds are edge: no resampling
-        self.irqfds[event_fd] = gsi
-
-    def unregister_irqfd(self, event_fd: int, gsi: int) -> None:
-        assert self.irqfds.pop(event_fd) == gsi
-
-    def signal_msi(self, address: int, data: int) -> int:
-        self.msis.append((address, data))
-        return 1
 
 
 def test_default_routes_match_kvm_create_irqchip() -> None:

@@ -12,27 +12,20 @@ import os
 import select
 import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_pci_bus import PortDriver
-from tests.unit.test_pci_msix import FakeRoutingVm
-from tests.unit.test_virtio_block import IMAGE, submit
-from tests.unit.test_virtio_mmio import ALL, RecordingDevice
-from tests.unit.test_virtio_queue import RAM_SIZE, Arena, Ring
-from vmscope.bus import MmioBus, PioBus
-from vmscope.devices.base import Device, RecordingInterruptLine
-from vmscope.errors import ConfigError, KvmError
+from tests.unit.rigs.pci import BAR_ADDRESS, MSI_ADDRESS, FakePciMachine, PciVirtioDriver, PortDriver, Rig
+from tests.unit.rigs.virtio_block import IMAGE, submit
+from tests.unit.rigs.virtio_mmio import RecordingDevice
+from tests.unit.rigs.virtqueue import RAM_SIZE, Arena
+from vmscope.devices.base import RecordingInterruptLine
+from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
-from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PCI_MMIO_WINDOW_BASE, PciBus
+from vmscope.pci.bus import PCI_MMIO_WINDOW_BASE
 from vmscope.pci.device import (
-    CAP_ID_MSIX,
-    CAP_ID_VENDOR,
     COMMAND_INTX_DISABLE,
-    COMMAND_MASTER,
     COMMAND_MEMORY,
     PCI_BASE_ADDRESS_0,
     PCI_COMMAND,
@@ -43,18 +36,14 @@ from vmscope.pci.device import (
     PCI_SUBSYSTEM_VENDOR_ID,
     STATUS_INTERRUPT,
 )
-from vmscope.pci.msix import CONTROL_ENABLE, FIRST_MSI_GSI, RecordingMsiSink
+from vmscope.pci.msix import FIRST_MSI_GSI
 from vmscope.virtio.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VirtioBlock
 from vmscope.virtio.device import (
     INTERRUPT_CONFIG_CHANGE,
     INTERRUPT_USED_BUFFER,
     STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VIRTIO_F_VERSION_1,
-    LineLevelSignal,
-    VirtioDevice,
 )
 from vmscope.virtio.pci import (
     BAR_SIZE,
@@ -65,7 +54,6 @@ from vmscope.virtio.pci import (
     CAP_PCI_CFG,
     COMMON_CONFIG_GENERATION,
     COMMON_DEVICE_FEATURE,
-    COMMON_DEVICE_FEATURE_SELECT,
     COMMON_DEVICE_STATUS,
     COMMON_DRIVER_FEATURE,
     COMMON_DRIVER_FEATURE_SELECT,
@@ -73,186 +61,20 @@ from vmscope.virtio.pci import (
     COMMON_NUM_QUEUES,
     COMMON_QUEUE_DESC,
     COMMON_QUEUE_DEVICE,
-    COMMON_QUEUE_DRIVER,
     COMMON_QUEUE_ENABLE,
     COMMON_QUEUE_MSIX_VECTOR,
     COMMON_QUEUE_NOTIFY_OFF,
     COMMON_QUEUE_SELECT,
     COMMON_QUEUE_SIZE,
     VIRTIO_MSI_NO_VECTOR,
-    VirtioPciTransport,
 )
 from vmscope.virtio.pci_attach import (
-    PLATFORM_ATTRIBUTE,
     WiredOrLine,
     attach_virtio_pci,
     pci_dsdt_aml,
     pci_platform,
 )
 from vmscope.virtio.rng import VirtioRng
-
-BAR_ADDRESS = PCI_MMIO_WINDOW_BASE + 0x10000
-MSI_ADDRESS = 0xFEE0_0000
-
-
-@dataclass
-class VirtioCap:
-    cfg_type: int
-    bar: int
-    offset: int
-    length: int
-    position: int
-    multiplier: int = 0
-
-
-class PciVirtioDriver:
-    """Register-level driver for one virtio-pci function (the virtio 1.2 section 3.1.1 sequence)."""
-
-    def __init__(
-        self, ports: PortDriver, mmio: MmioBus, slot: int, memory: GuestMemory, arena: Arena
-    ) -> None:
-        self.ports = ports
-        self.mmio = mmio
-        self.slot = slot
-        self.memory = memory
-        self.arena = arena
-        self.caps: dict[int, VirtioCap] = {}
-        self.msix_cap = 0
-        for cap_id, position in ports.capabilities(slot):
-            if cap_id == CAP_ID_MSIX:
-                self.msix_cap = position
-            if cap_id != CAP_ID_VENDOR:
-                continue
-            cap = VirtioCap(
-                cfg_type=ports.read(slot, position + 3, 1),
-                bar=ports.read(slot, position + 4, 1),
-                offset=ports.read(slot, position + 8),
-                length=ports.read(slot, position + 12),
-                position=position,
-            )
-            if cap.cfg_type == CAP_NOTIFY_CFG:
-                cap.multiplier = ports.read(slot, position + 16)
-            self.caps.setdefault(cap.cfg_type, cap)
-        self.rings: dict[int, Ring] = {}
-
-    def bar0(self) -> int:
-        return self.ports.read(self.slot, PCI_BASE_ADDRESS_0) & ~0xF | self.ports.read(self.slot, 0x14) << 32
-
-    def enable(self) -> None:
-        self.ports.write(self.slot, PCI_COMMAND, COMMAND_MEMORY | COMMAND_MASTER, 2)
-
-    def address(self, cfg_type: int, offset: int = 0) -> int:
-        cap = self.caps[cfg_type]
-        assert cap.bar == 0
-        return self.bar0() + cap.offset + offset
-
-    def common_read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.mmio.read(self.address(CAP_COMMON_CFG, offset), size), "little")
-
-    def common_write(self, offset: int, value: int, size: int) -> None:
-        data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
-        self.mmio.write(self.address(CAP_COMMON_CFG, offset), data)
-
-    def write64(self, offset: int, value: int) -> None:
-        """How Linux writes queue addresses: two 32-bit halves, low first."""
-        self.common_write(offset, value, 4)
-        self.common_write(offset + 4, value >> 32, 4)
-
-    def device_features(self) -> int:
-        features = 0
-        for word in (0, 1):
-            self.common_write(COMMON_DEVICE_FEATURE_SELECT, word, 4)
-            features |= self.common_read(COMMON_DEVICE_FEATURE, 4) << (32 * word)
-        return features
-
-    def status(self) -> int:
-        return self.common_read(COMMON_DEVICE_STATUS, 1)
-
-    def negotiate(self, accept: int = ALL) -> int:
-        self.common_write(COMMON_DEVICE_STATUS, 0, 1)
-        assert self.status() == 0
-        self.common_write(COMMON_DEVICE_STATUS, STATUS_ACKNOWLEDGE, 1)
-        self.common_write(COMMON_DEVICE_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER, 1)
-        offered = self.device_features()
-        wanted = offered if accept == ALL else offered & accept
-        for word in (0, 1):
-            self.common_write(COMMON_DRIVER_FEATURE_SELECT, word, 4)
-            self.common_write(COMMON_DRIVER_FEATURE, wanted >> (32 * word), 4)
-        self.common_write(COMMON_DEVICE_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK, 1)
-        return self.status()
-
-    def setup_queue(self, index: int, *, size: int = 8, vector: int = VIRTIO_MSI_NO_VECTOR) -> Ring:
-        self.common_write(COMMON_QUEUE_SELECT, index, 2)
-        assert self.common_read(COMMON_QUEUE_ENABLE, 2) == 0
-        size = min(size, self.common_read(COMMON_QUEUE_SIZE, 2))
-        ring = Ring(self.memory, self.arena, size)
-        self.common_write(COMMON_QUEUE_SIZE, size, 2)
-        self.write64(COMMON_QUEUE_DESC, ring.desc)
-        self.write64(COMMON_QUEUE_DRIVER, ring.avail)
-        self.write64(COMMON_QUEUE_DEVICE, ring.used)
-        self.common_write(COMMON_QUEUE_MSIX_VECTOR, vector, 2)
-        assert self.common_read(COMMON_QUEUE_MSIX_VECTOR, 2) == vector
-        self.common_write(COMMON_QUEUE_ENABLE, 1, 2)
-        self.rings[index] = ring
-        return ring
-
-    def driver_ok(self) -> int:
-        self.common_write(COMMON_DEVICE_STATUS, self.status() | STATUS_DRIVER_OK, 1)
-        return self.status()
-
-    def init(self, *, vectors: bool = False) -> list[Ring]:
-        assert self.negotiate() & STATUS_FEATURES_OK
-        count = self.common_read(COMMON_NUM_QUEUES, 2)
-        rings = [self.setup_queue(i, vector=i + 1 if vectors else VIRTIO_MSI_NO_VECTOR) for i in range(count)]
-        assert self.driver_ok() & STATUS_DRIVER_OK
-        return rings
-
-    def notify(self, index: int) -> None:
-        self.common_write(COMMON_QUEUE_SELECT, index, 2)
-        offset = self.common_read(COMMON_QUEUE_NOTIFY_OFF, 2) * self.caps[CAP_NOTIFY_CFG].multiplier
-        self.mmio.write(self.address(CAP_NOTIFY_CFG, offset), struct.pack("<H", index))
-
-    def isr(self) -> int:
-        return self.mmio.read(self.address(CAP_ISR_CFG), 1)[0]
-
-    def enable_msix(self, vectors: int) -> None:
-        table_bir = self.ports.read(self.slot, self.msix_cap + 4)
-        table = self.bar0() + (table_bir & ~7)
-        for vector in range(vectors):
-            entry = table + 16 * vector
-            self.mmio.write(entry, struct.pack("<I", MSI_ADDRESS))
-            self.mmio.write(entry + 4, struct.pack("<I", 0))
-            self.mmio.write(entry + 8, struct.pack("<I", 0x40 + vector))
-            self.mmio.write(entry + 12, struct.pack("<I", 0))
-        self.ports.write(self.slot, self.msix_cap + 2, CONTROL_ENABLE, 2)
-
-
-class Rig:
-    """A PCI bus on a port bus and an MMIO bus, with one virtio function on it."""
-
-    def __init__(
-        self, device: VirtioDevice, memory: GuestMemory, *, sink: RecordingMsiSink | None = None
-    ) -> None:
-        self.line = RecordingInterruptLine()
-        self.sink = sink or RecordingMsiSink()
-        self.transport = VirtioPciTransport(
-            device, bar_address=BAR_ADDRESS, msi_sink=self.sink, intx=LineLevelSignal(self.line)
-        )
-        self.pci = PciBus()
-        self.ports = PioBus()
-        self.ports.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, self.pci)
-        self.mmio = MmioBus()
-        self.mmio.register(self.pci.window_base, self.pci.window_size, self.pci.mmio_window)
-        self.slot = self.pci.add(self.transport)
-        self.port_driver = PortDriver(self.ports)
-        self.driver = PciVirtioDriver(self.port_driver, self.mmio, self.slot, memory, Arena(memory))
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    ram = GuestMemory.for_size(RAM_SIZE)
-    yield ram
-    ram.close()
 
 
 @pytest.fixture
@@ -565,90 +387,16 @@ def test_notify_listeners_follow_the_bar(rig: Rig) -> None:
 # -- attachment ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeKvmVm(FakeRoutingVm):
-    ioeventfds: dict[tuple[int, int | None], tuple[int, int]] = field(
-        default_factory=dict
-    )  # (addr, dm)->(fd, len)
-    intx_irqfds: dict[int, tuple[int, int]] = field(default_factory=dict)  # fd -> (gsi, resample fd)
-    refuse_any_length: bool = False
-    refuse_all: bool = False
-
-    def register_ioeventfd(
-        self,
-        event_fd: int,
-        address: int,
-        length: int,
-        *,
-        pio: bool,
-        datamatch: int | None = None,
-        deassign: bool = False,
-    ) -> None:
-        assert not pio
-        if not deassign and (self.refuse_all or (length == 0 and self.refuse_any_length)):
-            raise KvmError("KVM_IOEVENTFD failed: EINVAL (Invalid argument)")
-        key = (address, datamatch)
-        if deassign:
-            assert self.ioeventfds.pop(key) == (event_fd, length)
-        else:
-            assert key not in self.ioeventfds
-            self.ioeventfds[key] = (event_fd, length)
-
-    def register_irqfd(self, event_fd: int, gsi: int, resample_fd: int | None = None) -> None:
-        if resample_fd is None:
-            super().register_irqfd(event_fd, gsi)
-        else:
-            self.intx_irqfds[event_fd] = (gsi, resample_fd)
-
-    def unregister_irqfd(self, event_fd: int, gsi: int) -> None:
-        if event_fd in self.intx_irqfds:
-            assert self.intx_irqfds.pop(event_fd)[0] == gsi
-        else:
-            super().unregister_irqfd(event_fd, gsi)
-
-    def guest_write(self, address: int, data: bytes) -> bool:
-        """KVM's part of a guest MMIO write: signal a matching ioeventfd (True) or exit (False)."""
-        for (where, datamatch), (fd, length) in self.ioeventfds.items():
-            if where != address:
-                continue
-            if length == 0 or (len(data) == length and int.from_bytes(data, "little") == datamatch):
-                os.eventfd_write(fd, 1)
-                return True
-        return False
-
-
-class FakeMachine:
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.vm = FakeKvmVm()
-        self.pio_bus = PioBus()
-        self.mmio_bus = MmioBus()
-        self.lines: dict[int, RecordingInterruptLine] = {}
-
-    def interrupt_line(self, gsi: int) -> RecordingInterruptLine:
-        return self.lines.setdefault(gsi, RecordingInterruptLine())
-
-    def add_pio_device(self, base: int, length: int, device: Device) -> None:
-        self.pio_bus.register(base, length, device)
-
-    def add_mmio_device(self, base: int, length: int, device: Device) -> None:
-        self.mmio_bus.register(base, length, device)
-
-    def guest_mmio_write(self, address: int, data: bytes) -> None:
-        if not self.vm.guest_write(address, data):
-            self.mmio_bus.write(address, data)
-
-
 def readable(fd: int, timeout: float = 5.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
 @pytest.fixture
-def machine(memory: GuestMemory) -> FakeMachine:
-    return FakeMachine(memory)
+def machine(memory: GuestMemory) -> FakePciMachine:
+    return FakePciMachine(memory)
 
 
-def attached_driver(machine: FakeMachine, slot: int) -> PciVirtioDriver:
+def attached_driver(machine: FakePciMachine, slot: int) -> PciVirtioDriver:
     driver = PciVirtioDriver(
         PortDriver(machine.pio_bus), machine.mmio_bus, slot, machine.memory, Arena(machine.memory)
     )
@@ -656,13 +404,15 @@ def attached_driver(machine: FakeMachine, slot: int) -> PciVirtioDriver:
     return driver
 
 
-def test_platform_is_made_once_per_machine(machine: FakeMachine, memory: GuestMemory) -> None:
+def test_platform_is_made_once_per_machine(machine: FakePciMachine, memory: GuestMemory) -> None:
     assert pci_platform(machine, create=False) is None and pci_dsdt_aml(machine) == b""
     first = attach_virtio_pci(machine, VirtioRng(memory, name="rng-a"))
     second = attach_virtio_pci(machine, VirtioRng(memory, name="rng-b"), iothreads=False)
     try:
-        platform = getattr(machine, PLATFORM_ATTRIBUTE)
+        platform = machine.pci_platform
+        assert platform is not None
         assert first.bus is second.bus is platform.bus
+        assert machine.firmware.collect().dsdt_aml == pci_dsdt_aml(machine)
         assert machine.pio_bus.lookup(0xCFC) == (platform.bus, 0xCF8)
         assert machine.mmio_bus.lookup(PCI_MMIO_WINDOW_BASE) == (
             platform.bus.mmio_window,
@@ -681,7 +431,7 @@ def test_platform_is_made_once_per_machine(machine: FakeMachine, memory: GuestMe
         platform.bus.close()
 
 
-def test_iothread_attachment_end_to_end(machine: FakeMachine, memory: GuestMemory) -> None:
+def test_iothread_attachment_end_to_end(machine: FakePciMachine, memory: GuestMemory) -> None:
     rng = VirtioRng(memory)
     attachment = attach_virtio_pci(machine, rng)
     vm = machine.vm
@@ -716,7 +466,7 @@ def test_iothread_attachment_end_to_end(machine: FakeMachine, memory: GuestMemor
     assert not attachment.io.thread.running and rng.closed
 
 
-def test_intx_with_resample_through_the_io_thread(machine: FakeMachine, memory: GuestMemory) -> None:
+def test_intx_with_resample_through_the_io_thread(machine: FakePciMachine, memory: GuestMemory) -> None:
     rng = VirtioRng(memory)
     attachment = attach_virtio_pci(machine, rng)
     try:
@@ -740,7 +490,7 @@ def test_intx_with_resample_through_the_io_thread(machine: FakeMachine, memory: 
 
 
 def test_any_length_ioeventfd_refused_falls_back_to_datamatch(
-    machine: FakeMachine, memory: GuestMemory
+    machine: FakePciMachine, memory: GuestMemory
 ) -> None:
     machine.vm.refuse_any_length = True
     attachment = attach_virtio_pci(machine, RecordingDevice(memory))
@@ -755,7 +505,7 @@ def test_any_length_ioeventfd_refused_falls_back_to_datamatch(
 
 
 def test_refused_ioeventfds_leave_notifications_on_the_exit_path(
-    machine: FakeMachine, memory: GuestMemory
+    machine: FakePciMachine, memory: GuestMemory
 ) -> None:
     machine.vm.refuse_all = True
     rng = VirtioRng(memory)
@@ -774,7 +524,9 @@ def test_refused_ioeventfds_leave_notifications_on_the_exit_path(
         attachment.bus.close()
 
 
-def test_vcpu_attachment_uses_signal_msi_and_a_shared_line(machine: FakeMachine, memory: GuestMemory) -> None:
+def test_vcpu_attachment_uses_signal_msi_and_a_shared_line(
+    machine: FakePciMachine, memory: GuestMemory
+) -> None:
     devices = [RecordingDevice(memory) for _ in range(9)]
     attachments = [attach_virtio_pci(machine, device, iothreads=False) for device in devices]
     try:
@@ -818,7 +570,7 @@ def test_wired_or_line() -> None:
     assert line.changes == [True, False]
 
 
-def test_device_on_another_machine_is_refused(machine: FakeMachine) -> None:
+def test_device_on_another_machine_is_refused(machine: FakePciMachine) -> None:
     other = GuestMemory.for_size(RAM_SIZE)
     try:
         with pytest.raises(ConfigError, match="another machine"):

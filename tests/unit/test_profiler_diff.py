@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_profiler_model import TIMER_SAMPLES, build_profile
+from tests.unit.rigs.profiles import TIMER_SAMPLES, build_profile
 from vmscope.cli import diff as diff_cli
 from vmscope.errors import VmscopeError
 from vmscope.profiler.diff import diff_text, exit_cause_changes, exit_changes, function_changes

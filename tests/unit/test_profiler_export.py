@@ -9,11 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_profiler_model import (
-    SPANS,
-    TIMER_SAMPLES,
-    build_profile,
-)
+from tests.unit.rigs.profiles import SPANS, TIMER_SAMPLES, build_profile
 from vmscope.errors import ConfigError
 from vmscope.profiler.export import EXPORT_FORMATS, export_profile
 from vmscope.profiler.export.chrome_trace import chrome_trace_document

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from vmscope.errors import VmscopeError
-from vmscope.profiler.histogram import (
+from vmscope.histogram import (
     BUCKET_COUNT,
     MAX_TRACKED_NS,
     SUB_BUCKETS,
@@ -127,3 +127,10 @@ def test_dict_round_trip_and_validation() -> None:
         LatencyHistogram.from_dict(dict(data, sub_bucket_bits=3))
     with pytest.raises(VmscopeError):
         LatencyHistogram.from_dict([1, 2, 3])
+
+
+def test_profiler_histogram_module_still_exports_the_neutral_histogram() -> None:
+    from vmscope.histogram import LatencyHistogram as neutral
+    from vmscope.profiler import histogram as old_home
+
+    assert old_home.LatencyHistogram is neutral

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_profiler_model import TIMER_SAMPLES, build_profile
+from tests.unit.rigs.profiles import TIMER_SAMPLES, build_profile
 from vmscope.profiler.export.html import export_html
 from vmscope.profiler.model import Profile, Sample
 from vmscope.profiler.symbols import SymbolEntry

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_profiler_model import build_profile
+from tests.unit.rigs.profiles import build_profile
 from vmscope.errors import VmscopeError
 from vmscope.profiler.profile_file import FORMAT_VERSION, MAGIC, ProfileFormatError, encode, load, save
 

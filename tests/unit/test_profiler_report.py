@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_profiler_model import EXIT_SAMPLES, EXITS, TIMER_SAMPLES, build_profile
+from tests.unit.rigs.profiles import EXIT_SAMPLES, EXITS, TIMER_SAMPLES, build_profile
 from vmscope.cli import diff as diff_cli
 from vmscope.cli import report as report_cli
 from vmscope.errors import ConfigError, VmscopeError

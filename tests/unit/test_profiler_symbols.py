@@ -158,6 +158,9 @@ def test_system_map_lookups_extend_to_next_code_symbol(tmp_path: Path) -> None:
     assert symbolizer.lookup(base + 0x500 + MAX_SIZELESS_EXTENT - 1) is not None
     assert symbolizer.lookup(base + 0x500 + MAX_SIZELESS_EXTENT) is None
     assert symbolizer.lookup(base - 1) is None
+    assert symbolizer.name_and_offset(base + 0x400) == "weak_handler+0x0"
+    assert symbolizer.name_and_offset(base + 0x1FF) == "secondary_startup+0xff"
+    assert symbolizer.name_and_offset(base - 1) is None
 
 
 def test_kallsyms_splits_loadable_modules(tmp_path: Path) -> None:

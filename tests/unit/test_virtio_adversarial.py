@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_virtio_block import IMAGE, submit
-from tests.unit.test_virtio_mmio import MmioDriver
-from tests.unit.test_virtio_queue import OUTSIDE_RAM, RAM_SIZE, Arena, Ring
+from tests.unit.rigs.virtio_block import IMAGE, submit
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import OUTSIDE_RAM, RAM_SIZE, Arena, Ring
 from vmscope.bus import MmioBus
 from vmscope.devices.base import RecordingInterruptLine
 from vmscope.memory.guest_memory import GuestMemory
@@ -113,13 +113,6 @@ CASES: dict[str, tuple[Callable[[Ring, Arena], None], str]] = {
     "avail-idx-ahead": (avail_idx_far_ahead, "more than the queue size"),
     "head-out-of-range": (head_out_of_range, "head index"),
 }
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    ram = GuestMemory.for_size(RAM_SIZE)
-    yield ram
-    ram.close()
 
 
 @pytest.fixture

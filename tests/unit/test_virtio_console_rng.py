@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.test_virtio_mmio import MmioDriver
-from tests.unit.test_virtio_queue import RAM_SIZE, Arena, Ring
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import Arena, Ring
 from vmscope.devices.char_backends import InputSink, SerialBackend
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.console import RECEIVE_QUEUE, TRANSMIT_QUEUE, VirtioConsole
@@ -55,13 +55,6 @@ def wait_for(predicate: object, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return False
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    ram = GuestMemory.for_size(RAM_SIZE)
-    yield ram
-    ram.close()
 
 
 @pytest.fixture

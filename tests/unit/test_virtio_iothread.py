@@ -11,17 +11,14 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_virtio_block import IMAGE, Request, submit
-from tests.unit.test_virtio_mmio import MmioDriver
-from tests.unit.test_virtio_queue import RAM_SIZE, Arena
-from vmscope.bus import MmioBus
-from vmscope.devices.base import Device, RecordingInterruptLine
+from tests.unit.rigs.machines import FakeMachine
+from tests.unit.rigs.virtio_block import IMAGE, Request, submit
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import RAM_SIZE, Arena
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio import iothread
@@ -43,68 +40,6 @@ NO_EVENT_IDX = ~(1 << VIRTIO_F_EVENT_IDX)
 
 def readable(fd: int, timeout: float = 5.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
-
-
-@dataclass
-class FakeVm:
-    ioeventfds: dict[tuple[int, int], int] = field(default_factory=dict)  # (address, datamatch) -> fd
-    irqfds: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # gsi -> (fd, resample fd)
-    calls: list[tuple[object, ...]] = field(default_factory=list)
-
-    def register_ioeventfd(
-        self,
-        event_fd: int,
-        address: int,
-        length: int,
-        *,
-        pio: bool,
-        datamatch: int | None = None,
-        deassign: bool = False,
-    ) -> None:
-        self.calls.append(("ioeventfd", event_fd, address, length, pio, datamatch, deassign))
-        assert datamatch is not None
-        if deassign:
-            assert self.ioeventfds.pop((address, datamatch)) == event_fd
-        else:
-            assert (address, datamatch) not in self.ioeventfds
-            self.ioeventfds[(address, datamatch)] = event_fd
-
-    def register_irqfd(self, event_fd: int, gsi: int, resample_fd: int | None = None) -> None:
-        self.calls.append(("irqfd", event_fd, gsi, resample_fd))
-        self.irqfds[gsi] = (event_fd, resample_fd)
-
-    def unregister_irqfd(self, event_fd: int, gsi: int) -> None:
-        self.calls.append(("irqfd-deassign", event_fd, gsi))
-        assert self.irqfds.pop(gsi)[0] == event_fd
-
-    def guest_notify(self, address: int, value: int) -> bool:
-        """What KVM does with a 4-byte guest write: signal a matching ioeventfd (True) or exit."""
-        fd = self.ioeventfds.get((address, value))
-        if fd is None:
-            return False
-        os.eventfd_write(fd, 1)
-        return True
-
-
-class FakeMachine:
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.vm = FakeVm()
-        self.mmio_bus = MmioBus()
-        self.lines: dict[int, RecordingInterruptLine] = {}
-
-    def interrupt_line(self, gsi: int) -> RecordingInterruptLine:
-        return self.lines.setdefault(gsi, RecordingInterruptLine())
-
-    def add_mmio_device(self, base: int, length: int, device: Device) -> None:
-        self.mmio_bus.register(base, length, device)
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    ram = GuestMemory.for_size(RAM_SIZE)
-    yield ram
-    ram.close()
 
 
 @pytest.fixture

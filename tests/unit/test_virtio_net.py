@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.unit.test_virtio_mmio import MmioDriver
-from tests.unit.test_virtio_queue import RAM_SIZE, Arena, Ring
+from tests.unit.rigs.virtio_mmio import MmioDriver
+from tests.unit.rigs.virtqueue import Arena, Ring
 from vmscope.devices.base import RecordingInterruptLine
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
@@ -69,13 +69,6 @@ class Nic:
     def post_rx(self, size: int = 1526) -> tuple[int, int]:
         buffer = self.driver.arena.alloc(size)
         return self.rx.add_chain([(buffer, size, True)]), buffer
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    ram = GuestMemory.for_size(RAM_SIZE)
-    yield ram
-    ram.close()
 
 
 @pytest.fixture

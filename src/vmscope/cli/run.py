@@ -172,13 +172,7 @@ def symbolizer_for(paths: list[Path], guest: LoadedGuest | None) -> Callable[[in
     files = list(paths)
     if guest is not None and guest.symbol_file is not None:
         files.append(guest.symbol_file)
-    symbolizer = Symbolizer.from_files(files)
-
-    def lookup(address: int) -> str | None:
-        symbol = symbolizer.lookup(address)
-        return f"{symbol.name}+{symbol.offset:#x}" if symbol is not None else None
-
-    return lookup
+    return Symbolizer.from_files(files).name_and_offset
 
 
 def report_result(result: RunResult, quiet: bool = False) -> None:

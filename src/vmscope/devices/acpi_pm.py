@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vmscope.arch.x86.acpi import (
     PM1_CNT_SCI_EN,
@@ -22,6 +22,7 @@ from vmscope.arch.x86.acpi import (
     PM_TMR_PORT,
 )
 from vmscope.devices.base import Device, MachineControl, int_to_bytes
+from vmscope.devices.state import StateReader
 
 #: the window this device covers: PM1a event block through the PM timer
 ACPI_PM_BASE = PM1A_EVT_PORT
@@ -53,6 +54,27 @@ class AcpiPm(Device):
     def timer_value(self) -> int:
         elapsed = self._clock_ns() - self._epoch_ns
         return (elapsed * PM_TIMER_HZ // 1_000_000_000) & 0xFF_FFFF
+
+    def save_state(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "status": self.status,
+                "enable": self.enable,
+                "control": self.control,
+                # the timer keeps counting from where it was, not from the host's clock
+                "timer_elapsed_ns": self._clock_ns() - self._epoch_ns,
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        reader = StateReader(self.name, state)
+        status = reader.integer("status", 0, 0xFFFF)
+        enable = reader.integer("enable", 0, 0xFFFF)
+        control = reader.integer("control", 0, 0xFFFF)
+        elapsed = reader.integer("timer_elapsed_ns")
+        with self._lock:
+            self.status, self.enable = status, enable
+            self.control = (control & ~PM1_CNT_SLP_EN) | PM1_CNT_SCI_EN
+            self._epoch_ns = self._clock_ns() - elapsed
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Protocol
+
+from vmscope.devices.state import StateReader
 
 log = logging.getLogger("vmscope.devices")
 
@@ -83,6 +86,22 @@ class Device(ABC):
 
     def close(self) -> None:
         """Release host resources such as files, sockets and threads (default: none)."""
+
+    def save_state(self) -> dict[str, object]:
+        """The guest-visible state as plain JSON-able data (bytes as hex strings); default: none.
+
+        Host resources (files, sockets, threads) and statistics are not state: a snapshot
+        restores what the guest can observe through the device's registers.
+        """
+        return {}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Return to a state :meth:`save_state` produced (DeviceStateError for a bad field).
+
+        The default, for devices without state, accepts only the empty state.
+        """
+        reader = StateReader(self.name, state)
+        reader.expect_empty()
 
 
 def int_to_bytes(value: int, size: int) -> bytes:

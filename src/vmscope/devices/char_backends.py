@@ -26,7 +26,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from typing import Literal
 from vmscope import sandbox
 from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread
+from vmscope.unix_socket import listen_unix, remove_socket_file
 
 log = logging.getLogger("vmscope.devices.serial")
 
@@ -251,31 +251,6 @@ class FileBackend(SerialBackend):
             os.close(fd)
 
 
-def _claim_socket_path(path: str, option: str) -> None:
-    """Remove a stale socket left at ``path`` by a VMM that died; refuse anything else."""
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise ConfigError(f"{option} unix:{path}: {error.strerror}") from None
-    if not stat.S_ISSOCK(status.st_mode):
-        raise ConfigError(f"{option} unix:{path}: exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError as error:
-        raise ConfigError(
-            f"{option} unix:{path}: cannot check the existing socket: {error.strerror}"
-        ) from None
-    finally:
-        probe.close()
-    raise ConfigError(f"{option} unix:{path}: another process is listening on this socket")
-
-
 class UnixSocketBackend(SerialBackend):
     """A listening UNIX stream socket; one client at a time sees output and provides input.
 
@@ -289,17 +264,8 @@ class UnixSocketBackend(SerialBackend):
         """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         self.dropped_bytes = 0
-        _claim_socket_path(path, option)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # the file gets the socket inode's mode: owner only, like the control socket
-            os.fchmod(self._listener.fileno(), 0o600)
-            self._listener.bind(path)
-            self._listener.listen(1)
-            self._inode = os.stat(path).st_ino
-        except OSError as error:
-            self._listener.close()
-            raise ConfigError(f"{option} unix:{path}: cannot listen: {error.strerror}") from None
+        # owner only, like the control socket: the guest's console is no one else's business
+        self._listener, self._identity = listen_unix(path, f"{option} unix:{path}", backlog=1, private=True)
         self._client: socket.socket | None = None
         self._congested = False  # the last write timed out; do not wait for this client again
         self._connected = threading.Event()
@@ -409,11 +375,7 @@ class UnixSocketBackend(SerialBackend):
         if client is not None:
             self._hang_up(client)
         self._listener.close()
-        try:  # remove the path only while it is still the socket this backend created
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        remove_socket_file(self.path, self._identity)
 
 
 @dataclass(frozen=True)

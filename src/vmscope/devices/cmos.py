@@ -29,11 +29,13 @@ minus one, and the standard checksum of 0x10-0x2d in 0x2e/0x2f.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from vmscope.devices.base import Device
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
+from vmscope.firmware import FirmwareContribution
 
 CMOS_PORT = 0x70
 CMOS_WINDOW_LENGTH = 2
@@ -217,6 +219,23 @@ class Cmos(Device):
         if self._ram[RTC_REG_B] & REG_B_BINARY:
             return value
         return ((value // 10) << 4) | (value % 10)
+
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The FADT says the machine has an RTC/CMOS (IA-PC boot architecture flags)."""
+        return FirmwareContribution(boot_flags=frozenset({"cmos_rtc"}))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        # the clock registers are not state: they always read the host's time
+        return {"index": self._index, "nmi_disabled": self.nmi_disabled, "ram": self._ram.hex()}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        reader = StateReader(self.name, state)
+        index = reader.integer("index", 0, CMOS_SIZE - 1)
+        nmi_disabled = reader.flag("nmi_disabled")
+        ram = reader.hex_bytes("ram", CMOS_SIZE)
+        self._index, self.nmi_disabled, self._ram[:] = index, nmi_disabled, ram
 
     def reset(self) -> None:
         # CMOS RAM is battery-backed and survives a reset; only the index latch starts over

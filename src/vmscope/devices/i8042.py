@@ -27,8 +27,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Mapping
 
 from vmscope.devices.base import Device, InterruptLine, MachineControl, NullInterruptLine
+from vmscope.devices.state import StateReader
+from vmscope.firmware import FirmwareContribution
 
 log = logging.getLogger("vmscope.devices.i8042")
 
@@ -261,6 +264,49 @@ class I8042(Device):
         if aux != self._aux_level:
             self._aux_level = aux
             self._aux_irq.set_level(aux)
+
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The FADT says the machine has an 8042 (IA-PC boot architecture flags)."""
+        return FirmwareContribution(boot_flags=frozenset({"i8042"}))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "ram": self._ram.hex(),
+                "output": bytes(value for value, _ in self._output).hex(),
+                "output_status": [bits for _, bits in self._output],
+                "output_port": self._output_port,
+                "pending_command": self._pending_command,
+                "last_was_command": self._last_was_command,
+                "last_read": self._last_read,
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        reader = StateReader(self.name, state)
+        ram = reader.hex_bytes("ram", _RAM_SIZE)
+        values = reader.hex_bytes("output", max_length=OUTPUT_QUEUE_LIMIT)
+        status_bits = reader.integers("output_status", maximum=0xFF, count=len(values))
+        for index, bits in enumerate(status_bits):
+            if bits & ~(STATUS_AUX_DATA | STATUS_TIMEOUT):
+                raise reader.error(f"output_status[{index}]", f"{bits:#x} is not a queued byte's status")
+        output = list(zip(values, status_bits, strict=True))
+        output_port = reader.integer("output_port", 0, 0xFF)
+        pending = reader.optional_integer("pending_command", 0, 0xFF)
+        if pending is not None and not (
+            CMD_WRITE_RAM <= pending < CMD_WRITE_RAM + _RAM_SIZE or pending in _PARAMETER_COMMANDS
+        ):
+            raise reader.error("pending_command", f"{pending:#x} takes no parameter byte")
+        last_was_command = reader.flag("last_was_command")
+        last_read = reader.integer("last_read", 0, 0xFF)
+        with self._lock:
+            self._ram[:] = ram
+            self._output.clear()
+            self._output.extend(output)
+            self._output_port, self._pending_command = output_port, pending
+            self._last_was_command, self._last_read = last_was_command, last_read
+            self._update_irqs()
 
     def reset(self) -> None:
         with self._lock:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vmscope.devices.base import Device, int_to_bytes
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 
 POST_CODE_PORT = 0x80
@@ -69,6 +70,24 @@ class Port80(Device):
                 self.records.append((stamp, value))
             else:
                 self.dropped += 1
+
+    @property
+    def marker_track(self) -> str:
+        """The timeline track its markers go on (a :class:`~vmscope.devices.traces.MarkerSource`)."""
+        return self.name
+
+    def markers(self) -> list[tuple[int, str]]:
+        """(time.monotonic_ns(), "POST 0x..") for every recorded write, oldest first."""
+        with self._lock:
+            records = list(self.records)
+        return [(stamp, f"POST {value:#04x}") for stamp, value in records]
+
+    def save_state(self) -> dict[str, object]:
+        # the record of writes describes the run, not the device: it is not state
+        return {"last_value": self._last}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        self._last = StateReader(self.name, state).optional_integer("last_value", 0, 0xFFFF_FFFF)
 
     def reset(self) -> None:
         self._last = None

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Mapping
 
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.devices.char_backends import NullBackend, SerialBackend
+from vmscope.devices.state import StateReader
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -359,6 +361,56 @@ class Uart16550(Device):
     def reset(self) -> None:
         with self._lock:
             self._power_on()
+            self._update_irq()
+            self._rx_room.notify_all()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "ier": self._ier,
+                "lcr": self._lcr,
+                "mcr": self._mcr,
+                "scratch": self._scratch,
+                "divisor": self._divisor,
+                "fifo_enabled": self._fifo_enabled,
+                "rx_trigger": self._rx_trigger,
+                "rx": bytes(self._rx).hex(),
+                "last_rx": self._last_rx,
+                "lsr_errors": self._lsr_errors,
+                "thr_pending": self._thr_pending,
+                "msr_delta": self._msr_delta,
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        reader = StateReader(self.name, state)
+        fifo_enabled = reader.flag("fifo_enabled")
+        rx_trigger = reader.integer("rx_trigger", 1, FIFO_SIZE)
+        if rx_trigger not in (RX_TRIGGER_LEVELS if fifo_enabled else (1,)):
+            raise reader.error("rx_trigger", f"{rx_trigger} is not a trigger level of this FIFO mode")
+        capacity = FIFO_SIZE if fifo_enabled else 1
+        values = {
+            "ier": reader.integer("ier", 0, IER_WRITABLE),
+            "lcr": reader.integer("lcr", 0, 0xFF),
+            "mcr": reader.integer("mcr", 0, MCR_WRITABLE),
+            "scratch": reader.integer("scratch", 0, 0xFF),
+            "divisor": reader.integer("divisor", 0, 0xFFFF),
+            "last_rx": reader.integer("last_rx", 0, 0xFF),
+            "lsr_errors": reader.integer("lsr_errors", 0, LSR_ERRORS),
+            "msr_delta": reader.integer("msr_delta", 0, 0x0F),
+        }
+        rx = reader.hex_bytes("rx", max_length=capacity)
+        thr_pending = reader.flag("thr_pending")
+        with self._lock:
+            self._ier, self._lcr, self._mcr = values["ier"], values["lcr"], values["mcr"]
+            self._scratch, self._divisor = values["scratch"], values["divisor"]
+            self._last_rx, self._lsr_errors = values["last_rx"], values["lsr_errors"]
+            self._msr_delta = values["msr_delta"]
+            self._fifo_enabled, self._rx_trigger, self._rx_capacity = fifo_enabled, rx_trigger, capacity
+            self._rx.clear()
+            self._rx.extend(rx)
+            self._thr_pending = thr_pending
             self._update_irq()
             self._rx_room.notify_all()
 

@@ -21,6 +21,7 @@ from xml.sax.saxutils import quoteattr
 
 from vmscope.gdbstub.protocol import ProtocolError, decode_hex
 from vmscope.kvm import structs as s
+from vmscope.kvm.registers import control_registers, general_registers, segment_selectors
 
 FEATURE_CORE = "org.gnu.gdb.i386.core"
 FEATURE_SSE = "org.gnu.gdb.i386.sse"
@@ -120,11 +121,10 @@ def abridged_tag(full: int) -> int:
 
 def registers_from_kvm(regs: s.kvm_regs, sregs: s.kvm_sregs, fpu: s.kvm_fpu) -> RegisterValues:
     """gdb's view of one vCPU's KVM register sets."""
-    values: RegisterValues = {name: int(getattr(regs, name)) for name in GPR_NAMES}
+    values: RegisterValues = general_registers(regs, GPR_NAMES)
     values["rip"] = int(regs.rip)
     values["eflags"] = int(regs.rflags) & 0xFFFF_FFFF
-    for name in SEGMENT_NAMES:
-        values[name] = int(getattr(sregs, name).selector)
+    values.update(segment_selectors(sregs, SEGMENT_NAMES))
     stack = [int.from_bytes(bytes(fpu.fpr[i])[:10], "little") for i in range(8)]
     for index, value in enumerate(stack):
         values[f"st{index}"] = value
@@ -141,8 +141,7 @@ def registers_from_kvm(regs: s.kvm_regs, sregs: s.kvm_sregs, fpu: s.kvm_fpu) -> 
     values["mxcsr"] = int(fpu.mxcsr)
     values["fs_base"] = int(sregs.fs.base)
     values["gs_base"] = int(sregs.gs.base)
-    for name in SYSTEM_NAMES:
-        values[name] = int(getattr(sregs, name))
+    values.update(control_registers(sregs, SYSTEM_NAMES))
     return values
 
 

@@ -40,61 +40,64 @@ Memory
     vCPU (CR3 from its sregs) and accessed through GuestMemory only. Unmapped, non-canonical,
     MMIO or out-of-RAM addresses answer E14 (EFAULT); a read that faults part way returns the
     bytes before the fault.
+
+Layout
+    This module is the session: the socket, packet framing and dispatch. Run control (debug
+    exits, parking, resuming, stepping) is :mod:`vmscope.gdbstub.run_control`, registers and
+    memory :mod:`vmscope.gdbstub.target_access`, the debug registers
+    :mod:`vmscope.gdbstub.debugregs`; :class:`GdbStub` combines them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import os
 import select
 import socket
 import threading
-import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmscope import sandbox
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError
 from vmscope.gdbstub import protocol as p
 from vmscope.gdbstub import registers as r
+from vmscope.gdbstub.constants import (
+    EFAULT_REPLY,
+    EINVAL_REPLY,
+    EIO_REPLY,
+    ESRCH_REPLY,
+    KILLED_EXIT_STATUS,
+    OK,
+    PARK_TIMEOUT_S,
+    SIGINT,
+    SIGTRAP,
+)
+from vmscope.gdbstub.debugregs import DebugRegisters, HwBreakpoint
+from vmscope.gdbstub.run_control import RunControl, StopEvent
 from vmscope.host_thread import name_host_thread
-from vmscope.kvm import constants as c
-from vmscope.memory.paging import CR4_LA57, PagingMode, read_virtual, translate
 
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine
-    from vmscope.vmm.runner import VcpuRunner
+
+#: the stub's parts (constants, debug registers, run control, register and memory access) live in
+#: their own modules; these names stay importable from here
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DebugRegisters",
+    "GdbStub",
+    "HwBreakpoint",
+    "StopEvent",
+    "attach_gdb_stub",
+    "is_loopback",
+    "parse_gdb_spec",
+]
 
 log = logging.getLogger("vmscope.gdbstub")
 
 DEFAULT_ADDRESS = ("127.0.0.1", 1234)
-
-# gdb's signal numbers (GDB_SIGNAL_*), which the stop replies carry
-SIGINT, SIGTRAP, SIGKILL, SIGSEGV = 2, 5, 9, 11
-#: exit status of a VM ended by gdb's kill, following the machine's 128 + signal convention
-KILLED_EXIT_STATUS = 128 + SIGKILL
-
-HW_SLOTS = 4
-DR6_SINGLE_STEP = 1 << 14
-DR7_RESERVED_ONE = 1 << 10
-#: the most bytes one m/M/X transfers (a hex reply doubles them; PacketSize bounds it)
-MAX_MEMORY_TRANSFER = (p.MAX_PACKET_SIZE - 32) // 2
-
-EFAULT_REPLY = b"E%02x" % errno.EFAULT
-EINVAL_REPLY = b"E%02x" % errno.EINVAL
-ENOSPC_REPLY = b"E%02x" % errno.ENOSPC
-ESRCH_REPLY = b"E%02x" % errno.ESRCH
-EIO_REPLY = b"E%02x" % errno.EIO
-OK = b"OK"
-
-#: how long a stop waits for every vCPU to leave KVM_RUN before it goes on regardless
-PARK_TIMEOUT_S = 10.0
-
 
 # -- address specs ---------------------------------------------------------------------------
 
@@ -128,116 +131,14 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-# -- debug registers -------------------------------------------------------------------------
-
-_DR7_RW = {"exec": 0b00, "write": 0b01, "read": 0b11, "access": 0b11}
-_DR7_LEN = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}
-_WATCH_PREFIX = {"write": "watch", "read": "rwatch", "access": "awatch"}
-#: Z/z packet type -> breakpoint kind
-Z_TYPES = {0: "exec", 1: "exec", 2: "write", 3: "read", 4: "access"}
-
-
-@dataclass
-class HwBreakpoint:
-    kind: str  # "exec", "write", "read" (x86 can only watch reads with writes) or "access"
-    address: int
-    length: int
-    references: int = 1
-
-
-class DebugRegisters:
-    """Breakpoints and watchpoints assigned to DR0-DR3, and the DR7 that enables them."""
-
-    def __init__(self) -> None:
-        self.slots: list[HwBreakpoint | None] = [None] * HW_SLOTS
-
-    def _find(self, kind: str, address: int, length: int) -> int | None:
-        for index, slot in enumerate(self.slots):
-            if slot is not None and (slot.kind, slot.address, slot.length) == (kind, address, length):
-                return index
-        return None
-
-    def insert(self, kind: str, address: int, length: int) -> bool:
-        """Add a breakpoint (length 1) or watchpoint; False when all four slots are taken."""
-        if kind not in _DR7_RW:
-            raise p.ProtocolError(f"unknown breakpoint kind {kind!r}")
-        if kind == "exec":
-            length = 1
-        elif length not in _DR7_LEN or address % length:
-            raise p.ProtocolError(
-                f"watchpoints cover 1, 2, 4 or 8 aligned bytes, not {length} at {address:#x}"
-            )
-        found = self._find(kind, address, length)
-        if found is not None:
-            slot = self.slots[found]
-            assert slot is not None
-            slot.references += 1
-            return True
-        for index, slot in enumerate(self.slots):
-            if slot is None:
-                self.slots[index] = HwBreakpoint(kind, address, length)
-                return True
-        return False
-
-    def remove(self, kind: str, address: int, length: int) -> bool:
-        found = self._find(kind, address, 1 if kind == "exec" else length)
-        if found is None:
-            return False
-        slot = self.slots[found]
-        assert slot is not None
-        slot.references -= 1
-        if slot.references <= 0:
-            self.slots[found] = None
-        return True
-
-    def clear(self) -> None:
-        self.slots = [None] * HW_SLOTS
-
-    @property
-    def active(self) -> bool:
-        return any(slot is not None for slot in self.slots)
-
-    def exec_at(self, address: int) -> bool:
-        return any(slot.kind == "exec" and slot.address == address for slot in self.slots if slot is not None)
-
-    def debugregs(self, *, disarm_exec_at: int | None = None) -> list[int]:
-        """kvm_guest_debug.debugreg: DR0-DR3, two unused, DR6 (0) and DR7."""
-        values = [0] * 8
-        dr7 = DR7_RESERVED_ONE
-        for index, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            values[index] = slot.address
-            if slot.kind == "exec" and slot.address == disarm_exec_at:
-                continue
-            dr7 |= 1 << (2 * index + 1)  # G<n>: enabled in every task
-            dr7 |= (_DR7_RW[slot.kind] | (_DR7_LEN[slot.length] << 2)) << (16 + 4 * index)
-        values[7] = dr7
-        return values
-
-    def hits(self, dr6: int) -> list[HwBreakpoint]:
-        """The breakpoints whose B<n> bit is set in ``dr6``."""
-        return [slot for index, slot in enumerate(self.slots) if slot is not None and dr6 & (1 << index)]
-
-
 # -- the server ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StopEvent:
-    vcpu_index: int
-    signal: int
-    extra: str = ""  # "hwbreak:;" or "watch:ADDR;" and the like
-
-    def reply(self) -> bytes:
-        return p.stop_reply(self.signal, self.vcpu_index + 1, self.extra)
 
 
 class _SessionEnded(Exception):
     """The client detached, killed the VM, or went away."""
 
 
-class GdbStub:
+class GdbStub(RunControl):
     """Serves one gdb client at a time on a TCP socket; see the module docstring."""
 
     def __init__(
@@ -355,131 +256,6 @@ class GdbStub:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- vCPU side ---------------------------------------------------------------------------
-
-    def _on_debug_exit(self, runner: VcpuRunner) -> bool:
-        """KVM_EXIT_DEBUG, on the vCPU's own thread: record the stop and park every vCPU."""
-        vcpu = runner.vcpu
-        debug = vcpu.run_struct.exit.debug
-        dr6, pc = int(debug.dr6), int(debug.pc)
-        index = vcpu.id
-        with self._lock:
-            if index in self._step_over:
-                self._step_over.discard(index)
-                watched = [hit for hit in self._breakpoints.hits(dr6) if hit.kind != "exec"]
-                if not watched or not self._session_active:
-                    # stepped off a breakpoint: re-arm and run on, gdb never hears of it
-                    self._arm(runner, disarm_exec_at=None, single_step=False)
-                    return True
-                event = self._classify(index, pc, dr6)
-            elif not self._session_active:
-                # left over from a client that detached while this vCPU was running
-                self._set_guest_debug(runner, 0, ())
-                return True
-            else:
-                event = self._classify(index, pc, dr6)
-            if self._pending is None and not self._held:
-                self._pending = event
-                self._pause_all()
-                self._wake()
-            # Otherwise a stop is already being reported: this vCPU parks with the others
-            # and its event is dropped; a breakpoint fires again when the vCPU resumes.
-        return True
-
-    def _classify(self, index: int, pc: int, dr6: int) -> StopEvent:
-        hits = self._breakpoints.hits(dr6)
-        for hit in hits:
-            if hit.kind != "exec":
-                return StopEvent(index, SIGTRAP, f"{_WATCH_PREFIX[hit.kind]}:{hit.address:x};")
-        if hits or (not dr6 & DR6_SINGLE_STEP and self._breakpoints.exec_at(pc)):
-            return StopEvent(index, SIGTRAP, "hwbreak:;")
-        return StopEvent(index, SIGTRAP)
-
-    # -- vCPU control (callers hold _lock unless noted) ----------------------------------------
-
-    def _pause_all(self) -> None:
-        for runner in self.machine.runners:
-            runner.request_pause()
-
-    def _wait_parked(self) -> None:
-        """Wait (without _lock: a vCPU may need it to get there) until no vCPU is in KVM_RUN."""
-        deadline = time.monotonic() + PARK_TIMEOUT_S
-        for runner in self.machine.runners:
-            while not (runner.paused.is_set() or runner.exited.is_set() or runner.thread is None):
-                if time.monotonic() > deadline:
-                    log.warning("vCPU %d did not pause within %g s", runner.vcpu.id, PARK_TIMEOUT_S)
-                    return
-                runner.paused.wait(0.005)
-
-    def _vm_finished(self) -> bool:
-        return all(runner.exited.is_set() for runner in self.machine.runners)
-
-    def _set_guest_debug(self, runner: VcpuRunner, control: int, debugregs: Sequence[int]) -> None:
-        try:
-            runner.vcpu.set_guest_debug(control, debugregs)
-        except KvmError as error:  # the machine may be closing under us
-            log.debug("KVM_SET_GUEST_DEBUG on vCPU %d failed: %s", runner.vcpu.id, error)
-
-    def _arm(self, runner: VcpuRunner, *, disarm_exec_at: int | None, single_step: bool) -> None:
-        control = 0
-        debugregs: list[int] = []
-        if self._breakpoints.active:
-            control = c.GUESTDBG_ENABLE | c.GUESTDBG_USE_HW_BP
-            debugregs = self._breakpoints.debugregs(disarm_exec_at=disarm_exec_at)
-        if single_step:
-            control |= c.GUESTDBG_ENABLE | c.GUESTDBG_SINGLESTEP
-        self._set_guest_debug(runner, control, debugregs)
-
-    def _linear_rip(self, runner: VcpuRunner) -> int:
-        regs = runner.vcpu.get_regs()
-        sregs = runner.vcpu.get_sregs()
-        if sregs.efer & (1 << 10) and sregs.cs.l:  # 64-bit code: segment bases are ignored
-            return int(regs.rip)
-        return (int(sregs.cs.base) + int(regs.rip)) & 0xFFFF_FFFF
-
-    def _resume(self, actions: dict[int, str]) -> None:
-        """Run the vCPUs in ``actions`` ("c" or "s"); the others stay parked."""
-        with self._lock:
-            self._step_over.clear()
-            for index, action in actions.items():
-                runner = self.machine.runners[index]
-                rip = self._linear_rip(runner)
-                if action == "s":
-                    self._arm(runner, disarm_exec_at=rip, single_step=True)
-                elif self._breakpoints.exec_at(rip):
-                    self._step_over.add(index)
-                    self._arm(runner, disarm_exec_at=rip, single_step=True)
-                else:
-                    self._arm(runner, disarm_exec_at=None, single_step=False)
-            self._held = False
-            self._pending = None
-            for index in actions:
-                self.machine.runners[index].resume()
-
-    def _release_vm(self) -> None:
-        """Detach: no breakpoints, no single-step, every vCPU running (unless the VM ended)."""
-        with self._lock:
-            self._pause_all()
-        self._wait_parked()
-        with self._lock:
-            self._breakpoints.clear()
-            self._step_over.clear()
-            for runner in self.machine.runners:
-                if not runner.exited.is_set():
-                    self._set_guest_debug(runner, 0, ())
-            self._held = False
-            self._pending = None
-            self.machine.resume()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # a full pipe already wakes the server
-            os.write(self._wake_write, b"!")
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(OSError):
-            while os.read(self._wake_read, 4096):
-                pass
-
     # -- server thread -----------------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -590,12 +366,6 @@ class GdbStub:
         self._last_stop = pending
         self._general_thread = pending.vcpu_index
         self._send(pending.reply())
-
-    def _exit_packet(self) -> bytes:
-        result = self.machine.result()
-        if result.crash is not None:
-            return p.killed_reply(SIGSEGV)
-        return p.exit_reply(result.exit_status)
 
     def _on_parser_event(self, event: p.ParserEvent, inbox: deque[bytes]) -> None:
         kind = event.kind
@@ -755,169 +525,6 @@ class GdbStub:
             self._breakpoints.clear()
         self.machine.request_stop("killed by the gdb client", KILLED_EXIT_STATUS)
         raise _SessionEnded("kill")
-
-    # -- threads and resuming ----------------------------------------------------------------
-
-    def _valid_thread(self, thread: int) -> bool:
-        return thread in (-1, 0) or 1 <= thread <= len(self.machine.runners)
-
-    def _set_thread(self, body: bytes) -> bytes:
-        operation, thread = body[:1], p.parse_thread_id(body[1:])
-        if not self._valid_thread(thread):
-            return ESRCH_REPLY
-        if operation == b"g":
-            if thread > 0:
-                self._general_thread = thread - 1
-        elif operation == b"c":
-            self._continue_thread = thread - 1 if thread > 0 else -1
-        else:
-            return EINVAL_REPLY
-        return OK
-
-    def _ensure_resumable(self) -> bytes | None:
-        if self._vm_finished():
-            self._exit_reported = True
-            return self._exit_packet()
-        return None
-
-    def _legacy_resume(self, head: bytes, body: bytes) -> bytes | None:
-        """c/s [ADDR] and C/S SIG[;ADDR]: the signal is ignored (a VM has no signals)."""
-        finished = self._ensure_resumable()
-        if finished is not None:
-            return finished
-        address_text = body.partition(b";")[2] if head in (b"C", b"S") else body
-        thread = self._continue_thread if self._continue_thread >= 0 else self._last_stop.vcpu_index
-        if address_text:
-            self._write_registers({"rip": p.parse_hex_int(address_text)}, vcpu_index=thread)
-        if head in (b"s", b"S"):
-            self._resume({thread: "s"})
-        else:
-            self._resume({index: "c" for index in range(len(self.machine.runners))})
-        return None
-
-    def _vcont(self, spec: bytes) -> bytes | None:
-        count = len(self.machine.runners)
-        actions: dict[int, str] = {}
-        for item in spec.split(b";"):
-            action, sep, thread_text = item.partition(b":")
-            if action[:1] not in (b"c", b"C", b"s", b"S"):
-                return EINVAL_REPLY
-            kind = "s" if action[:1] in (b"s", b"S") else "c"
-            thread = p.parse_thread_id(thread_text) if sep else -1
-            if thread == 0 or not self._valid_thread(thread):
-                return ESRCH_REPLY
-            targets = range(count) if thread == -1 else (thread - 1,)
-            for index in targets:
-                actions.setdefault(index, kind)  # the leftmost action naming a thread wins
-        if not actions:
-            return EINVAL_REPLY
-        finished = self._ensure_resumable()
-        if finished is not None:
-            return finished
-        self._resume(actions)
-        return None
-
-    def _breakpoint_packet(self, insert: bool, body: bytes) -> bytes:
-        fields = body.split(b";", 1)[0].split(b",")
-        if len(fields) != 3:
-            return EINVAL_REPLY
-        z_type = p.parse_hex_int(fields[0], limit=0xFF)
-        kind = Z_TYPES.get(z_type)
-        if kind is None or (kind != "exec" and not self.hardware_watchpoints):
-            return b""
-        address = p.parse_hex_int(fields[1])
-        length = p.parse_hex_int(fields[2], limit=0xFFFF)
-        with self._lock:
-            if not insert:
-                self._breakpoints.remove(kind, address, length)
-                return OK
-            return OK if self._breakpoints.insert(kind, address, length) else ENOSPC_REPLY
-
-    # -- registers and memory (only while every vCPU is parked) --------------------------------
-
-    def _vcpu(self, vcpu_index: int | None) -> VcpuRunner:
-        index = self._general_thread if vcpu_index is None else vcpu_index
-        return self.machine.runners[index]
-
-    def _read_registers(self, vcpu_index: int | None = None) -> r.RegisterValues:
-        vcpu = self._vcpu(vcpu_index).vcpu
-        return r.registers_from_kvm(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu())
-
-    def _write_registers(self, values: r.RegisterValues, vcpu_index: int | None = None) -> bytes:
-        vcpu = self._vcpu(vcpu_index).vcpu
-        regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
-        try:
-            changed = r.apply_registers(values, regs, sregs, fpu)
-        except r.RegisterWriteError as error:
-            log.info("%s", error)
-            return EINVAL_REPLY
-        if changed.regs:
-            vcpu.set_regs(regs)
-        if changed.sregs:
-            vcpu.set_sregs(sregs)
-        if changed.fpu:
-            vcpu.set_fpu(fpu)
-        return OK
-
-    def _paging_mode(self) -> PagingMode:
-        sregs = self._vcpu(None).vcpu.get_sregs()
-        return PagingMode(int(sregs.cr0), int(sregs.cr3), int(sregs.cr4), int(sregs.efer))
-
-    def _chunks(self, address: int, length: int) -> list[tuple[int, int]]:
-        """(guest-virtual address, length) pieces that do not cross a 4 KiB page."""
-        pieces = []
-        end = address + length
-        while address < end:
-            size = min(end - address, 0x1000 - (address & 0xFFF))
-            pieces.append((address, size))
-            address += size
-        return pieces
-
-    def _check_address(self, mode: PagingMode, address: int, length: int) -> None:
-        if address + length > 1 << 64:
-            raise GuestMemoryError(f"{address:#x}+{length:#x} wraps past the end of the address space")
-        if mode.enabled and mode.long_mode:
-            bits = 57 if mode.cr4 & CR4_LA57 else 48
-            for probe in (address, address + length - 1):
-                upper = probe >> (bits - 1)
-                if upper not in (0, (1 << (65 - bits)) - 1):
-                    raise GuestMemoryError(f"{probe:#x} is not a canonical address")
-        elif not mode.long_mode and address + length > 1 << 32:
-            raise GuestMemoryError(f"{address:#x}+{length:#x} lies beyond the 32-bit address space")
-
-    def _read_memory(self, address: int, length: int) -> bytes:
-        length = min(length, MAX_MEMORY_TRANSFER)
-        if length == 0:
-            return b""
-        mode = self._paging_mode()
-        out = bytearray()
-        for piece, size in self._chunks(address, min(length, (1 << 64) - address)):
-            try:
-                self._check_address(mode, piece, size)
-                out += read_virtual(self.machine.memory, mode, piece, size)
-            except GuestMemoryError:
-                break
-        if not out:
-            raise GuestMemoryError(f"cannot read guest-virtual {address:#x}")
-        return bytes(out)
-
-    def _write_memory(self, address: int, data: bytes) -> None:
-        """All or nothing: every page is translated and checked before the first byte is written."""
-        if not data:
-            return
-        if len(data) > MAX_MEMORY_TRANSFER:
-            raise p.ProtocolError(f"memory write of {len(data)} bytes exceeds {MAX_MEMORY_TRANSFER}")
-        mode = self._paging_mode()
-        self._check_address(mode, address, len(data))
-        memory = self.machine.memory
-        targets = []
-        for piece, size in self._chunks(address, len(data)):
-            physical = translate(memory, mode, piece)
-            if not memory.contains(physical, size):
-                raise GuestMemoryError(f"guest-virtual {piece:#x} maps to {physical:#x}, outside guest RAM")
-            targets.append((physical, piece - address, size))
-        for physical, offset, size in targets:
-            memory.write(physical, data[offset : offset + size])
 
 
 def attach_gdb_stub(

@@ -9,6 +9,7 @@ host access outside guest RAM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from vmscope.errors import GuestMemoryError, PageFault
 from vmscope.memory.guest_memory import GuestMemory
@@ -24,6 +25,19 @@ CR4_LA57 = 1 << 12
 EFER_LMA = 1 << 10
 
 
+class ControlRegisters(Protocol):
+    """What :meth:`PagingMode.from_sregs` reads: ``kvm_sregs`` or anything with the same fields."""
+
+    @property
+    def cr0(self) -> int: ...
+    @property
+    def cr3(self) -> int: ...
+    @property
+    def cr4(self) -> int: ...
+    @property
+    def efer(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class PagingMode:
     """The control-register bits that decide how an address translates."""
@@ -32,6 +46,11 @@ class PagingMode:
     cr3: int
     cr4: int
     efer: int
+
+    @classmethod
+    def from_sregs(cls, sregs: ControlRegisters) -> PagingMode:
+        """The paging mode a vCPU's special registers (``kvm_sregs``) describe."""
+        return cls(cr0=int(sregs.cr0), cr3=int(sregs.cr3), cr4=int(sregs.cr4), efer=int(sregs.efer))
 
     @property
     def enabled(self) -> bool:

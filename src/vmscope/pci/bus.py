@@ -35,7 +35,7 @@ import logging
 import struct
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from vmscope.arch.x86.acpi import (
     aml_device,
@@ -46,6 +46,7 @@ from vmscope.arch.x86.acpi import (
     aml_scope,
 )
 from vmscope.devices.base import Device
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 from vmscope.pci.device import DecodedBar, PciDevice
 
@@ -270,6 +271,34 @@ class PciBus(Device):
     def config_write(self, slot: int, function: int, offset: int, size: int, value: int) -> None:
         address = CONFIG_ENABLE | slot << 11 | function << 8 | (offset & 0xFC)
         self._data_write(address, offset & 3, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """CONFIG_ADDRESS and every function's state, by slot (the functions are saved with the bus)."""
+        with self._lock:
+            return {
+                "config_address": self._address,
+                "functions": {str(slot): device.save_state() for slot, device in self.functions()},
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Load into a bus with the same functions in the same slots."""
+        reader = StateReader(self.name, state)
+        address = reader.integer("config_address", 0, CONFIG_ADDRESS_MASK)
+        if address & ~CONFIG_ADDRESS_MASK:
+            raise reader.error("config_address", f"{address:#x} sets reserved bits")
+        functions = reader.section("functions")
+        saved_slots = sorted(functions.mapping())
+        present = [str(slot) for slot, _ in self.functions()]
+        if saved_slots != sorted(present):
+            raise reader.error("functions", f"slots {saved_slots} do not match this bus's {sorted(present)}")
+        with self._lock:
+            for slot, device in self.functions():
+                section = functions.section(str(slot))
+                device.load_state(section.mapping())
+            self._address = address
+            self._rebuild_decode()
 
     # -- lifetime -----------------------------------------------------------------------------------------
 

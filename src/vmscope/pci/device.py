@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 
 log = logging.getLogger("vmscope.pci")
@@ -287,6 +288,26 @@ class PciDevice:
 
     def close(self) -> None:
         """Release host resources (default: none)."""
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The configuration space as plain data (subclasses add their own fields)."""
+        return {"config": self.config.hex()}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Load the configuration space of the same kind of function and re-decode its BARs."""
+        self.load_config_state(StateReader(self.name, state))
+
+    def load_config_state(self, reader: StateReader) -> None:
+        config = reader.hex_bytes("config", CONFIG_SPACE_SIZE)
+        for offset, size in ((PCI_VENDOR_ID, 2), (PCI_DEVICE_ID, 2), (PCI_CLASS_PROG, 3)):
+            if config[offset : offset + size] != self.config[offset : offset + size]:
+                raise reader.error(
+                    "config", f"identity bytes at {offset:#x} belong to another kind of function"
+                )
+        self.config[:] = config
+        self._update_decode()
 
     # -- BAR decoding -----------------------------------------------------------------------------
 

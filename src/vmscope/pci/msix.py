@@ -32,6 +32,7 @@ import os
 import threading
 from typing import Protocol
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 from vmscope.kvm import structs as s
 from vmscope.pci.device import CAP_ID_MSIX, PciDevice
@@ -193,6 +194,25 @@ class MsixCapability:
             self._enabled = self._function_masked = False
         control = self.function.u16(self.offset + 2) & ~(CONTROL_ENABLE | CONTROL_FUNCTION_MASK)
         self.function.set_u16(self.offset + 2, control)
+
+    def save_state(self) -> dict[str, object]:
+        """Table and pending bits; enable and function mask live in the function's config space."""
+        with self._lock:
+            return {
+                "table": self._table.hex(),
+                "pending": [vector for vector, pending in enumerate(self._pending) if pending],
+            }
+
+    def load_state(self, reader: StateReader) -> None:
+        """Load after the function's config space: enable and mask are re-read from it."""
+        table = reader.hex_bytes("table", len(self._table))
+        pending = reader.integers("pending", maximum=self.count - 1, max_count=self.count)
+        with self._lock:
+            self._table[:] = table
+            self._pending = [vector in pending for vector in range(self.count)]
+            self._sent_messages = [None] * self.count
+            self._enabled = False  # so that the listeners below hear the loaded mode
+        self._control_written()
 
     # -- table and PBA (BAR accesses) -------------------------------------------------------------------
 

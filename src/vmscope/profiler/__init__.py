@@ -3,7 +3,7 @@ reports and exporters. The collection side (exit accounting, sampling, unwinding
 :class:`~vmscope.profiler.model.Profile`; see :mod:`vmscope.profiler.model` for how.
 """
 
-from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.histogram import LatencyHistogram
 from vmscope.profiler.model import (
     ExitStat,
     Profile,

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.text import Text
 
-from vmscope.profiler.model import Profile, exit_label
-from vmscope.profiler.report import (
+from vmscope.profiler.analysis import (
     FrameNamer,
     describe_profile,
     exit_causes,
     exit_totals,
     format_pct,
-    make_table,
     select_samples,
     top_functions,
 )
+from vmscope.profiler.model import Profile, exit_label
+from vmscope.profiler.report import make_table
 
 
 @dataclass(slots=True)

@@ -34,10 +34,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmscope import __version__
 from vmscope.errors import VmscopeError
-from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.histogram import LatencyHistogram
 from vmscope.profiler.symbols import SymbolEntry, Symbolizer, SymbolTable
+from vmscope.version import __version__
 
 ORIGIN_EXIT = "exit"
 ORIGIN_TIMER = "timer"

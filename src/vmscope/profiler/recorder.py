@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmscope import log_sink, sandbox
+from vmscope.devices.traces import MarkerSource, RequestTraceSource
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span
 from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwind import StackUnwinder
 from vmscope.vmm.hooks import ExitEvent, ExitHook
+from vmscope.vmm.kick_listeners import kick_listeners
 from vmscope.vmm.runner import VcpuRunner, decode_exit_key
 
 if TYPE_CHECKING:
@@ -110,7 +112,7 @@ class ProfileRecorder:
             state.last_end_ns = 0
         self._hook = self.machine.add_exit_hook(self._on_exit, registers=True)
         for runner in self.machine.runners:
-            runner.on_kick = self._on_kick
+            kick_listeners(runner).add(self._on_kick)
         if self.frequency_hz > 0:
             self._sampler = threading.Thread(target=self._sampler_loop, name="vmscope-sampler", daemon=True)
             self._sampler.start()
@@ -126,7 +128,7 @@ class ProfileRecorder:
         if self._hook is not None:
             self.machine.remove_exit_hook(self._hook)
         for runner in self.machine.runners:
-            runner.on_kick = None
+            kick_listeners(runner).remove(self._on_kick)
         self._fill_statistics()
         return self.profile
 
@@ -147,7 +149,7 @@ class ProfileRecorder:
         regs, sregs = runner.registers()
         protected = bool(sregs.cr0 & 1)
         cpl = (sregs.cs.selector & 3) if protected else 0
-        mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        mode = PagingMode.from_sregs(sregs)
         wide = bool(sregs.cs.l)
         ip = regs.rip if wide else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
         state = self._states[vcpu.id]
@@ -263,25 +265,25 @@ class ProfileRecorder:
 
     def _add_boot_markers(self) -> None:
         """POST codes the guest wrote to port 0x80 become instants on a "port80" timeline track."""
-        found = self.machine.pio_bus.lookup(0x80)
-        records = getattr(found[0], "records", None) if found else None
-        if not records:
-            return
-        # Port80 stamps with time.monotonic_ns, the same clock as perf_counter_ns on Linux
+        # markers are stamped with time.monotonic_ns, the same clock as perf_counter_ns on Linux
         offset = time.monotonic_ns() - time.perf_counter_ns() + self._t0
-        for stamp, value in records[: self.max_spans_per_vcpu]:
-            moment = stamp - offset
-            if moment >= 0:
-                self.profile.spans.append(Span("port80", f"POST {value:#04x}", moment, moment))
+        for mapping in self.machine.devices():
+            device = mapping.device
+            if not isinstance(device, MarkerSource):
+                continue
+            for stamp, label in device.markers()[: self.max_spans_per_vcpu]:
+                moment = stamp - offset
+                if moment >= 0:
+                    self.profile.spans.append(Span(device.marker_track, label, moment, moment))
 
     def _add_io_requests(self) -> None:
         """Each traced virtio request becomes a span on its device's "io:" track, its latency
         split into parts (args, in ns) so reports can show where virtualized I/O time goes."""
         for attachment in self.machine.virtio_attachments:
-            traces = getattr(attachment.device, "traces", None)
-            if traces is None:
+            device = attachment.device
+            if not isinstance(device, RequestTraceSource):
                 continue
-            for trace in traces()[: self.max_spans_per_vcpu]:
+            for trace in device.traces()[: self.max_spans_per_vcpu]:
                 end = trace.interrupt_ns if trace.interrupt_ns is not None else trace.complete_ns
                 parts: dict[str, int | float | str | bool] = {
                     IO_PART_NAMES[0]: trace.pickup_ns - trace.notify_ns,

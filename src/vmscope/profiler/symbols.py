@@ -448,6 +448,11 @@ class Symbolizer:
             return symbol.name
         return unknown_address_name(address, self.module_of(address))
 
+    def name_and_offset(self, address: int) -> str | None:
+        """``name+0xoffset`` (offset always shown) for crash reports and logs, or None when unknown."""
+        symbol = self.lookup(address)
+        return None if symbol is None else f"{symbol.name}+{symbol.offset:#x}"
+
     def describe(self, address: int) -> str:
         """``name+0xoffset [module]``-style text for one address (offset omitted when 0)."""
         symbol = self.lookup(address)

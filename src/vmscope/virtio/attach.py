@@ -32,25 +32,24 @@ Only ``Machine`` / ``Vm`` methods are used here; every ioctl stays in :mod:`vmsc
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError
+from vmscope.firmware import FirmwareContribution
 from vmscope.memory.guest_memory import GuestMemory
+from vmscope.virtio.attachment import VirtioAttachment
 from vmscope.virtio.device import (
     EventfdSignal,
     LineLevelSignal,
     NullInterruptSignal,
     VirtioDevice,
-    run_teardown_steps,
 )
-from vmscope.virtio.iothread import VirtioIoThread, new_eventfd
+from vmscope.virtio.iothread import VirtioIoThread
 from vmscope.virtio.mmio import REG_QUEUE_NOTIFY, WINDOW_SIZE, VirtioMmioTransport
 
 log = logging.getLogger("vmscope.virtio.attach")
@@ -120,7 +119,7 @@ def virtio_mmio_slot(index: int) -> tuple[int, int]:
 
 
 @dataclass
-class VirtioMmioAttachment:
+class VirtioMmioAttachment(VirtioAttachment):
     """A virtio device wired to a machine; closing the transport (or this) tears it down."""
 
     device: VirtioDevice
@@ -143,21 +142,12 @@ class VirtioMmioAttachment:
         """(base, size, gsi) for :func:`vmscope.arch.x86.acpi.virtio_mmio_aml` (use trigger="level")."""
         return (self.base, self.size, self.gsi)
 
-    @property
-    def io_thread_name(self) -> str:
-        return self.io.thread.name
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The device in the DSDT and on a kernel's command line (a :class:`FirmwareContributor`)."""
+        return FirmwareContribution(virtio_mmio=(self.acpi_entry(),), cmdline=(self.cmdline_entry(),))
 
-    def _teardown(self) -> None:
-        """Stop the I/O thread, then undo the KVM registrations and close the eventfds."""
-        self.io.stop()
+    def _quiesce(self) -> None:
         self.device.set_interrupt_signal(NullInterruptSignal())
-        cleanups, self._cleanups = self._cleanups, []
-        run_teardown_steps(self.device.name, reversed(cleanups))  # undo in reverse order
-        self.io.close()
-
-    def close(self) -> None:
-        """Tear down and close the device (what ``Machine.close`` does through the transport)."""
-        self.transport.close()
 
 
 def _check_placement(base: int, gsi: int) -> None:
@@ -195,7 +185,7 @@ def attach_virtio_mmio(
         raise
     try:
         if iothreads:
-            _wire_eventfds(machine.vm, attachment, attachment._cleanups)
+            _wire_eventfds(machine.vm, attachment)
         else:
             device.set_interrupt_signal(LineLevelSignal(machine.interrupt_line(gsi)))
     except BaseException:
@@ -216,13 +206,13 @@ def attach_virtio_mmio(
     return attachment
 
 
-def _wire_eventfds(vm: VmLike, attachment: VirtioMmioAttachment, cleanups: list[Callable[[], None]]) -> None:
+def _wire_eventfds(vm: VmLike, attachment: VirtioMmioAttachment) -> None:
     """ioeventfd per queue on QueueNotify (datamatch = index, 4 bytes, MMIO) and the irqfd."""
     io, device, gsi = attachment.io, attachment.device, attachment.gsi
     notify_address = attachment.base + REG_QUEUE_NOTIFY
     for index, fd in enumerate(io.queue_fds):
         vm.register_ioeventfd(fd, notify_address, 4, pio=False, datamatch=index)
-        cleanups.append(
+        attachment.add_cleanup(
             functools.partial(
                 vm.register_ioeventfd, fd, notify_address, 4, pio=False, datamatch=index, deassign=True
             )
@@ -230,24 +220,15 @@ def _wire_eventfds(vm: VmLike, attachment: VirtioMmioAttachment, cleanups: list[
     # a notification that still exits (e.g. an index with no ioeventfd) goes to the I/O thread too
     attachment.transport.notify_handler = io.kick
 
-    irq_fd = new_eventfd()
-    cleanups.append(functools.partial(_close_fd, irq_fd))
-    attachment.irq_fd = irq_fd
+    irq_fd = attachment.irq_fd = attachment.owned_eventfd()
     resample_fd = None
     if attachment.trigger == "level":
-        resample_fd = new_eventfd()
-        cleanups.append(functools.partial(_close_fd, resample_fd))
-        attachment.resample_fd = resample_fd
+        resample_fd = attachment.resample_fd = attachment.owned_eventfd()
     vm.register_irqfd(irq_fd, gsi, resample_fd)
-    cleanups.append(functools.partial(vm.unregister_irqfd, irq_fd, gsi))
+    attachment.add_cleanup(functools.partial(vm.unregister_irqfd, irq_fd, gsi))
     device.set_interrupt_signal(EventfdSignal(irq_fd))
     if resample_fd is not None:
         io.watch_resample(resample_fd)
-
-
-def _close_fd(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
 
 
 def virtio_mmio_cmdline(attachments: Sequence[VirtioMmioAttachment]) -> str:

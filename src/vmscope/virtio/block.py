@@ -17,6 +17,10 @@ ranges are deallocated with fallocate(PUNCH_HOLE) where the filesystem can, othe
 zero-filled, so they always read back as zeros. A chain without a 16-byte device-readable
 header or without a device-writable status byte is malformed: NEEDS_RESET.
 
+Layout: this module is the virtio protocol and request batching; :mod:`vmscope.virtio.raw_image`
+is the host side (the image file), :mod:`vmscope.virtio.block_trace` the request traces (their
+names are re-exported here).
+
 Latency. Every request leaves a :class:`RequestTrace` (bounded per device, oldest dropped)
 with ``time.perf_counter_ns`` stamps for notification, pickup, backend start/end, used-ring
 publication and interrupt injection, so a profiler can split where the time went.
@@ -24,22 +28,31 @@ publication and interrupt injection, so a profiler can split where the time went
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
-import errno
 import logging
 import os
-import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from vmscope.errors import ConfigError, GuestMemoryError
+from vmscope.devices.state import StateReader
+from vmscope.errors import GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
+from vmscope.virtio.block_trace import (
+    REQUEST_TYPE_NAMES,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_GET_LIFETIME,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_SECURE_ERASE,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    RequestTrace,
+    RequestTraceLog,
+    TraceRecord,
+)
 from vmscope.virtio.device import DEVICE_ID_BLOCK, VirtioDevice
 from vmscope.virtio.queue import (
     DescriptorChain,
@@ -49,6 +62,46 @@ from vmscope.virtio.queue import (
     scatter,
     slice_buffers,
 )
+from vmscope.virtio.raw_image import advance_views, open_raw_image, punch_hole, write_zeros
+
+#: the request types and traces stay importable from here (they moved to block_trace)
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_TRACE_LIMIT",
+    "DISCARD_SECTOR_ALIGNMENT",
+    "DISCARD_SEGMENT",
+    "ID_BYTES",
+    "MAX_DISCARD_SECTORS",
+    "MAX_DISCARD_SEGMENTS",
+    "REQUEST_HEADER",
+    "REQUEST_TYPE_NAMES",
+    "SECTOR_SIZE",
+    "VIRTIO_BLK_F_BLK_SIZE",
+    "VIRTIO_BLK_F_CONFIG_WCE",
+    "VIRTIO_BLK_F_DISCARD",
+    "VIRTIO_BLK_F_FLUSH",
+    "VIRTIO_BLK_F_GEOMETRY",
+    "VIRTIO_BLK_F_MQ",
+    "VIRTIO_BLK_F_RO",
+    "VIRTIO_BLK_F_SEG_MAX",
+    "VIRTIO_BLK_F_SIZE_MAX",
+    "VIRTIO_BLK_F_TOPOLOGY",
+    "VIRTIO_BLK_F_WRITE_ZEROES",
+    "VIRTIO_BLK_S_IOERR",
+    "VIRTIO_BLK_S_OK",
+    "VIRTIO_BLK_S_UNSUPP",
+    "VIRTIO_BLK_T_DISCARD",
+    "VIRTIO_BLK_T_FLUSH",
+    "VIRTIO_BLK_T_GET_ID",
+    "VIRTIO_BLK_T_GET_LIFETIME",
+    "VIRTIO_BLK_T_IN",
+    "VIRTIO_BLK_T_OUT",
+    "VIRTIO_BLK_T_SECURE_ERASE",
+    "VIRTIO_BLK_T_WRITE_ZEROES",
+    "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP",
+    "RequestTrace",
+    "VirtioBlock",
+]
 
 log = logging.getLogger("vmscope.virtio.block")
 
@@ -64,14 +117,6 @@ VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_GET_LIFETIME = 10
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_T_SECURE_ERASE = 14
 
 VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
@@ -94,85 +139,9 @@ _SIGNAL_EVERY = 32
 _IOV_MAX = 1024
 # at most this many neighbouring reads or writes share one syscall
 _MERGE_MAX_REQUESTS = 32
-_ZERO_CHUNK = bytes(1 << 20)
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-REQUEST_TYPE_NAMES = {
-    VIRTIO_BLK_T_IN: "read",
-    VIRTIO_BLK_T_OUT: "write",
-    VIRTIO_BLK_T_FLUSH: "flush",
-    VIRTIO_BLK_T_GET_ID: "get-id",
-    VIRTIO_BLK_T_DISCARD: "discard",
-    VIRTIO_BLK_T_WRITE_ZEROES: "write-zeroes",
-}
-
-
-@dataclass(slots=True)
-class RequestTrace:
-    """Timestamps (``time.perf_counter_ns``) of one virtio-blk request, for latency splitting.
-
-    ``notify_ns``: the notification was seen (I/O thread woke on the queue eventfd, or the
-    vCPU's QueueNotify exit reached the device); ``pickup_ns``: the chain was taken off the
-    available ring; ``backend_start_ns`` / ``backend_end_ns``: around the host syscalls
-    (equal when the request needed none); ``complete_ns``: the used element was published;
-    ``interrupt_ns``: the interrupt was injected, or None when notification suppression
-    (EVENT_IDX / NO_INTERRUPT) decided none was needed.
-    """
-
-    device: str
-    queue: int
-    head: int
-    request_type: int
-    sector: int
-    #: data bytes moved (read, written, discarded or zeroed)
-    length: int
-    status: int
-    notify_ns: int
-    pickup_ns: int
-    backend_start_ns: int
-    backend_end_ns: int
-    complete_ns: int
-    interrupt_ns: int | None = None
-    #: the thread that served it ("io:virtio-blk0", or a vCPU thread with --iothreads=off)
-    thread: str = ""
-
-    @property
-    def type_name(self) -> str:
-        return REQUEST_TYPE_NAMES.get(self.request_type, f"type-{self.request_type}")
-
-    @property
-    def queue_wait_ns(self) -> int:
-        """Notification to pickup: time the request sat in the ring."""
-        return self.pickup_ns - self.notify_ns
-
-    @property
-    def backend_ns(self) -> int:
-        return self.backend_end_ns - self.backend_start_ns
-
-    @property
-    def total_ns(self) -> int:
-        """Notification to interrupt (or to completion when no interrupt was sent)."""
-        end = self.interrupt_ns if self.interrupt_ns is not None else self.complete_ns
-        return end - self.notify_ns
-
-
-#: what a served request leaves for its :class:`RequestTrace`, kept as a plain tuple on the hot
-#: path (queue, head, request_type, sector, length, status, notify_ns, pickup_ns,
-#: backend_start_ns, backend_end_ns, complete_ns); traces are built from these when asked for
-_TraceRecord = tuple[int, int, int, int, int, int, int, int, int, int, int]
-
-
-class _TraceBatch(NamedTuple):
-    """Requests completed together: one interrupt decision and one serving thread."""
-
-    records: list[_TraceRecord]
-    interrupt_ns: int | None
-    thread: str
 
 
 class _RequestFailed(Exception):
@@ -183,24 +152,6 @@ class _RequestFailed(Exception):
         self.status = status
         #: the host's image failed (ENOSPC, EIO, a file truncated under the VM), not the request
         self.host_fault = host_fault
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a file range (reads then return zeros); False where unsupported."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-        _libc.fallocate.restype = ctypes.c_int
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-        return False
-    raise OSError(error, os.strerror(error))
 
 
 class VirtioBlock(VirtioDevice):
@@ -222,23 +173,7 @@ class VirtioBlock(VirtioDevice):
     ) -> None:
         self.path = str(path)
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags)
-        except OSError as error:
-            mode = "reading" if read_only else "reading and writing"
-            raise ConfigError(f"disk {self.path}: cannot open for {mode}: {error.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode):
-                size = info.st_size
-            elif stat.S_ISBLK(info.st_mode):
-                size = os.lseek(fd, 0, os.SEEK_END)
-            else:
-                raise ConfigError(f"disk {self.path}: not a regular file or block device")
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, size = open_raw_image(self.path, read_only=read_only)
         self._fd: int | None = fd
         #: disk size in 512-byte sectors (a trailing partial sector is not addressable)
         self.capacity = size // SECTOR_SIZE
@@ -256,10 +191,7 @@ class VirtioBlock(VirtioDevice):
         id_text = serial if serial is not None else Path(self.path).name
         self.serial = id_text.encode("ascii", "replace")[:ID_BYTES]
         self._write_through = True
-        self._trace_limit = max(0, trace_limit)
-        self._trace_batches: collections.deque[_TraceBatch] = collections.deque()
-        self._traced = 0  # requests in _trace_batches
-        self._trace_lock = threading.Lock()
+        self._trace_log = RequestTraceLog(trace_limit)
         self._ram: tuple[int, int, memoryview] | None = None
         #: request counters by outcome
         self.requests = 0
@@ -302,6 +234,15 @@ class VirtioBlock(VirtioDevice):
     def device_reset(self) -> None:
         self._write_through = True
 
+    def save_device_state(self) -> dict[str, object]:
+        # capacity and read-only are the image's: saved so that a state meets the same disk again
+        return {"write_through": self._write_through, "capacity": self.capacity, "read_only": self.read_only}
+
+    def load_device_state(self, reader: StateReader) -> None:
+        reader.expect("capacity", self.capacity)
+        reader.expect("read_only", self.read_only)
+        self._write_through = reader.flag("write_through")
+
     @property
     def write_through(self) -> bool:
         """True while every write is fsynced before completion (FLUSH not negotiated)."""
@@ -311,37 +252,11 @@ class VirtioBlock(VirtioDevice):
 
     def traces(self) -> list[RequestTrace]:
         """The recorded requests (the last ``trace_limit``), oldest first (a copy)."""
-        with self._trace_lock:
-            batches = list(self._trace_batches)
-        return self._build_traces(batches)
+        return self._trace_log.traces(self.name)
 
     def drain_traces(self) -> list[RequestTrace]:
         """The recorded requests, oldest first, removing them."""
-        with self._trace_lock:
-            batches = list(self._trace_batches)
-            self._trace_batches.clear()
-            self._traced = 0
-        return self._build_traces(batches)
-
-    def _build_traces(self, batches: list[_TraceBatch]) -> list[RequestTrace]:
-        name = self.name
-        traces = [
-            RequestTrace(name, *record, interrupt_ns=batch.interrupt_ns, thread=batch.thread)
-            for batch in batches
-            for record in batch.records
-        ]
-        return traces[len(traces) - self._trace_limit :] if len(traces) > self._trace_limit else traces
-
-    def _keep_traces(self, records: list[_TraceRecord], interrupt_ns: int | None, thread: str) -> None:
-        """Store a completed batch's records, dropping the oldest batches beyond the limit."""
-        if not self._trace_limit:
-            return
-        with self._trace_lock:
-            batches = self._trace_batches
-            batches.append(_TraceBatch(records, interrupt_ns, thread))
-            self._traced += len(records)
-            while self._traced - len(batches[0].records) >= self._trace_limit:
-                self._traced -= len(batches.popleft().records)
+        return self._trace_log.drain(self.name)
 
     # -- request processing ---------------------------------------------------------------------
 
@@ -363,7 +278,7 @@ class VirtioBlock(VirtioDevice):
                 if malformed is not None:
                     raise malformed
                 return
-            records: list[_TraceRecord] = []
+            records: list[TraceRecord] = []
             try:
                 self._serve_batch(queue, chains, notified_ns, pickup_ns, records)
             finally:
@@ -382,7 +297,7 @@ class VirtioBlock(VirtioDevice):
         chains: list[DescriptorChain],
         notified_ns: int,
         pickup_ns: int,
-        records: list[_TraceRecord],
+        records: list[TraceRecord],
     ) -> None:
         """Serve ``chains`` in ring order; runs of reads (or writes) of consecutive disk ranges
         share one preadv (pwritev), as QEMU merges them. Records go to ``records`` as completed.
@@ -459,7 +374,7 @@ class VirtioBlock(VirtioDevice):
         request_type: int,
         notified_ns: int,
         pickup_ns: int,
-        records: list[_TraceRecord],
+        records: list[TraceRecord],
     ) -> None:
         """One syscall for a run of reads or writes of consecutive sectors (see
         :meth:`_serve_batch`), then their status bytes and one used-index update."""
@@ -510,16 +425,16 @@ class VirtioBlock(VirtioDevice):
             for chain, sector, length in run
         )
 
-    def _complete(self, queue: Virtqueue, records: list[_TraceRecord], thread: str) -> None:
+    def _complete(self, queue: Virtqueue, records: list[TraceRecord], thread: str) -> None:
         stamp: int | None = None
         try:
             stamp = self.signal_used(queue)
         finally:
-            self._keep_traces(records, stamp, thread)
+            self._trace_log.keep(records, stamp, thread)
 
     def _serve(
         self, queue: Virtqueue, chain: DescriptorChain, notified_ns: int, pickup_ns: int
-    ) -> _TraceRecord:
+    ) -> TraceRecord:
         """Serve one request of any type on its own; its trace record."""
         memory = self.memory
         readable, writable = chain.readable, chain.writable
@@ -680,7 +595,7 @@ class VirtioBlock(VirtioDevice):
                     offset += done
                     remaining -= done
                     if remaining:
-                        views = _advance(views, done)
+                        views = advance_views(views, done)
             finally:
                 for view in views:
                     view.release()
@@ -744,8 +659,8 @@ class VirtioBlock(VirtioDevice):
                 deallocate = (
                     request_type == VIRTIO_BLK_T_DISCARD or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                 )
-                if length and not (deallocate and _punch_hole(fd, offset, length)):
-                    _write_zeros(fd, offset, length)
+                if length and not (deallocate and punch_hole(fd, offset, length)):
+                    write_zeros(fd, offset, length)
         except OSError as error:
             raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}", host_fault=True) from None
         if self._write_through:
@@ -763,30 +678,3 @@ class VirtioBlock(VirtioDevice):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-
-
-def _advance(views: list[memoryview], done: int) -> list[memoryview]:
-    """Drop ``done`` bytes from the front of an iovec list (after a short transfer)."""
-    rest = []
-    for view in views:
-        if done >= len(view):
-            done -= len(view)
-            view.release()
-            continue
-        if done:
-            rest.append(view[done:])
-            view.release()
-        else:
-            rest.append(view)
-        done = 0
-    return rest
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    while length:
-        chunk = min(length, len(_ZERO_CHUNK))
-        written = os.pwrite(fd, memoryview(_ZERO_CHUNK)[:chunk], offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "short write while zeroing")
-        offset += written
-        length -= written

@@ -24,6 +24,7 @@ import struct
 import threading
 
 from vmscope.devices.char_backends import SerialBackend
+from vmscope.devices.state import StateReader
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.device import DEVICE_ID_CONSOLE, HostSource, VirtioDevice
 from vmscope.virtio.iothread import drain_eventfd, new_eventfd
@@ -41,6 +42,10 @@ DEFAULT_QUEUE_SIZE = 128
 EMERG_WR_OFFSET = 8
 # struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
 _CONFIG = struct.Struct("<HHII")
+
+
+#: the most host input a saved state may carry for the guest (a reader thread hands over less)
+MAX_SAVED_INPUT = 1 << 20
 
 
 class VirtioConsole(VirtioDevice):
@@ -123,6 +128,16 @@ class VirtioConsole(VirtioDevice):
             while self._pending and not self._input_closed:
                 self._input.wait()
             return not self._input_closed
+
+    def save_device_state(self) -> dict[str, object]:
+        with self._input:
+            return {"pending_input": self._pending.hex()}
+
+    def load_device_state(self, reader: StateReader) -> None:
+        pending = reader.hex_bytes("pending_input", max_length=MAX_SAVED_INPUT)
+        with self._input:
+            self._pending[:] = pending
+        self._fill_receive_buffers()
 
     @property
     def pending_input(self) -> int:

@@ -28,11 +28,12 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from vmscope.devices.base import InterruptLine
+from vmscope.devices.state import StateReader
 from vmscope.errors import GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.queue import Virtqueue, VirtqueueError
@@ -231,6 +232,14 @@ class VirtioDevice(ABC):
         """Host descriptors (a tap fd, a wake-up eventfd) the I/O thread polls for this device."""
         return []
 
+    def save_device_state(self) -> dict[str, object]:
+        """Device-type state beyond the common part, as plain data (default: none)."""
+        return {}
+
+    def load_device_state(self, reader: StateReader) -> None:
+        """Load what :meth:`save_device_state` produced (called with the device lock held)."""
+        reader.expect_empty()
+
     # -- features -------------------------------------------------------------------------------
 
     @property
@@ -376,6 +385,45 @@ class VirtioDevice(ABC):
         except Exception as error:  # a device-model bug must not take the VMM down
             log.exception("%s: %s failed", self.name, what or "queue processing")
             self.enter_needs_reset(f"{what or 'queue processing'}: internal error: {error!r}")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Status, negotiated features, interrupt status, queues and device-type state as plain data."""
+        with self._lock:
+            return {
+                "device_id": self.device_id,
+                "status": self._status,
+                "driver_features": self._driver_features,
+                "driver_features_beyond_64": self._driver_features_beyond_64,
+                "interrupt_status": self._interrupt_status,
+                "config_generation": self._config_generation,
+                "queues": [queue.save_state() for queue in self.queues],
+                "device": self.save_device_state(),
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Return to a saved state (DeviceStateError for a bad field); signals the guest nothing."""
+        reader = StateReader(self.name, state)
+        reader.expect("device_id", self.device_id)
+        status = reader.integer("status", 0, 0xFF)
+        driver_features = reader.integer("driver_features", 0, (1 << 64) - 1)
+        beyond_64 = reader.flag("driver_features_beyond_64")
+        interrupt_status = reader.integer(
+            "interrupt_status", 0, INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE
+        )
+        generation = reader.integer("config_generation", 0, 0xFFFF_FFFF)
+        queues = reader.sections("queues", count=len(self.queues))
+        with self._lock:
+            for queue, queue_state in zip(self.queues, queues, strict=True):
+                queue.load_state(queue_state)
+            self._status, self._driver_features = status, driver_features
+            self._driver_features_beyond_64 = beyond_64
+            self._config_generation = generation
+            with self._interrupt_lock:
+                self._interrupt_status = interrupt_status
+            self.last_error = None
+            self.load_device_state(reader.section("device"))
 
     # -- queues (transport side) -------------------------------------------------------------
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vmscope.devices.base import Device
+from vmscope.devices.state import StateReader
 from vmscope.virtio.device import VirtioDevice, run_teardown_steps
 
 log = logging.getLogger("vmscope.virtio.mmio")
@@ -132,6 +133,24 @@ class VirtioMmioTransport(Device):
         callbacks, self._close_callbacks = self._close_callbacks, []
         run_teardown_steps(self.name, callbacks)
         self.device.close()
+
+    def save_state(self) -> dict[str, object]:
+        return {
+            "device_features_sel": self._device_features_sel,
+            "driver_features_sel": self._driver_features_sel,
+            "queue_sel": self._queue_sel,
+            "shm_sel": self._shm_sel,
+            "virtio": self.device.save_state(),
+        }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        reader = StateReader(self.name, state)
+        selectors = [
+            reader.integer(field, 0, 0xFFFF_FFFF)
+            for field in ("device_features_sel", "driver_features_sel", "queue_sel", "shm_sel")
+        ]
+        self.device.load_state(reader.section("virtio").mapping())
+        self._device_features_sel, self._driver_features_sel, self._queue_sel, self._shm_sel = selectors
 
     # -- registers ------------------------------------------------------------------------------
 

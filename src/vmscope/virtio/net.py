@@ -22,6 +22,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.virtio.device import DEVICE_ID_NET, HostSource, VirtioDevice
@@ -119,6 +120,12 @@ class VirtioNet(VirtioDevice):
 
     def host_sources(self) -> list[HostSource]:
         return [(self.backend.fileno(), self.receive_from_backend)]
+
+    def save_device_state(self) -> dict[str, object]:
+        return {"mac": self.mac.hex()}
+
+    def load_device_state(self, reader: StateReader) -> None:
+        self.mac = reader.hex_bytes("mac", len(self.mac))
 
     def process_queue(self, queue: Virtqueue, notified_ns: int) -> None:
         if queue.index == TX_QUEUE:

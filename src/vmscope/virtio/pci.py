@@ -42,8 +42,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import ConfigError
 from vmscope.pci.device import (
     CAP_ID_VENDOR,
@@ -524,6 +525,42 @@ class VirtioPciTransport(PciDevice):
         self._device_features_select = self._driver_features_select = self._queue_select = 0
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self._queue_vectors = [VIRTIO_MSI_NO_VECTOR] * self.device.num_queues
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        state = super().save_state()
+        state.update(
+            device_features_select=self._device_features_select,
+            driver_features_select=self._driver_features_select,
+            queue_select=self._queue_select,
+            config_msix_vector=self.config_msix_vector,
+            queue_msix_vectors=list(self._queue_vectors),
+            msix=self.msix.save_state(),
+            virtio=self.device.save_state(),
+        )
+        return state
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """The virtio device first (its interrupt status decides INTx), then PCI config and MSI-X."""
+        reader = StateReader(self.name, state)
+        selectors = [
+            reader.integer(field, 0, 0xFFFF_FFFF)
+            for field in ("device_features_select", "driver_features_select", "queue_select")
+        ]
+        config_vector = reader.integer("config_msix_vector", 0, 0xFFFF)
+        queue_vectors = reader.integers("queue_msix_vectors", maximum=0xFFFF, count=self.device.num_queues)
+        for index, vector in enumerate([config_vector, *queue_vectors]):
+            if vector != self._valid_vector(vector):
+                field = "config_msix_vector" if index == 0 else f"queue_msix_vectors[{index - 1}]"
+                raise reader.error(field, f"vector {vector} is not one of this function's MSI-X vectors")
+        msix = reader.section("msix")
+        self.device.load_state(reader.section("virtio").mapping())
+        self.load_config_state(reader)
+        self._device_features_select, self._driver_features_select, self._queue_select = selectors
+        self.config_msix_vector, self._queue_vectors = config_vector, queue_vectors
+        self.msix.load_state(msix)
+        self._interrupt_mode_changed(self.msix.enabled)
 
     # -- lifetime ---------------------------------------------------------------------------------------
 

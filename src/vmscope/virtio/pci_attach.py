@@ -1,7 +1,8 @@
 """Put a virtio device on a machine's PCI bus (modern virtio-pci), with or without an I/O thread.
 
-The machine's PCI platform (:func:`pci_platform`) is made on first use and kept as the
-attribute ``_vmscope_pci`` of the machine object: one :class:`PciBus` at ports 0xCF8-0xCFF
+The machine's PCI platform (:func:`pci_platform`) is made on first use and kept in the
+machine's ``pci_platform`` slot, and it adds the host bridge to the machine's firmware
+contributions (the DSDT's PCI0): one :class:`PciBus` at ports 0xCF8-0xCFF
 (8 ports), its MMIO window (0xE000_0000 + 256 MiB, see :mod:`vmscope.pci.bus`) on the MMIO
 bus, the machine's :class:`GsiRouting` table and the shared INTx lines.
 
@@ -28,10 +29,8 @@ Only ``Machine`` / ``Vm`` methods are used; every ioctl stays in :mod:`vmscope.k
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,24 +38,23 @@ from typing import Protocol
 
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
+from vmscope.firmware import FirmwareContribution, FirmwareContributions
 from vmscope.kvm import structs as s
 from vmscope.pci.bus import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PciBus, intx_gsi, pci_host_bridge_aml
 from vmscope.pci.device import COMMAND_INTX_DISABLE, PCI_INTERRUPT_LINE
 from vmscope.pci.msix import DirectMsiSink, GsiRouting, IrqfdMsiSink, MsiSink
 from vmscope.virtio.attach import MachineLike, VmLike
+from vmscope.virtio.attachment import VirtioAttachment
 from vmscope.virtio.device import (
     EventfdSignal,
     InterruptSignal,
     LineLevelSignal,
     VirtioDevice,
-    run_teardown_steps,
 )
-from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd, new_eventfd
+from vmscope.virtio.iothread import VirtioIoThread, drain_eventfd
 from vmscope.virtio.pci import BAR_SIZE, VirtioPciTransport
 
 log = logging.getLogger("vmscope.virtio.pci_attach")
-
-PLATFORM_ATTRIBUTE = "_vmscope_pci"
 
 
 class PciVmLike(VmLike, Protocol):
@@ -74,6 +72,11 @@ class PciMachineLike(MachineLike, Protocol):
     def vm(self) -> PciVmLike: ...
 
     def add_pio_device(self, base: int, length: int, device: Device) -> None: ...
+
+    #: the machine's PCI platform, None until the first PCI attachment makes it
+    pci_platform: PciPlatform | None
+    #: where the platform adds the host bridge's DSDT description
+    firmware: FirmwareContributions
 
 
 class WiredOrLine:
@@ -113,25 +116,29 @@ class PciPlatform:
     routing: GsiRouting | None = None
     lines: dict[int, WiredOrLine] = field(default_factory=dict)
 
+    def firmware_contribution(self) -> FirmwareContribution:
+        """The host bridge (PCI0) with its windows and _PRT, for the DSDT."""
+        return FirmwareContribution(
+            dsdt_aml=pci_host_bridge_aml(window_base=self.bus.window_base, window_size=self.bus.window_size)
+        )
+
 
 def pci_platform(machine: PciMachineLike, *, create: bool = True) -> PciPlatform | None:
     """The machine's PCI platform; made (bus mapped at 0xCF8 and on the MMIO window) on first use."""
-    platform: PciPlatform | None = getattr(machine, PLATFORM_ATTRIBUTE, None)
+    platform = machine.pci_platform
     if platform is None and create:
         bus = PciBus()
         machine.add_pio_device(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, bus)
         machine.add_mmio_device(bus.window_base, bus.window_size, bus.mmio_window)
-        platform = PciPlatform(bus)
-        setattr(machine, PLATFORM_ATTRIBUTE, platform)
+        platform = machine.pci_platform = PciPlatform(bus)
+        machine.firmware.add(platform)
     return platform
 
 
 def pci_dsdt_aml(machine: PciMachineLike) -> bytes:
     """The DSDT's PCI host bridge for ``machine`` (b"" when it has no PCI bus): pass it to build_dsdt."""
     platform = pci_platform(machine, create=False)
-    if platform is None:
-        return b""
-    return pci_host_bridge_aml(window_base=platform.bus.window_base, window_size=platform.bus.window_size)
+    return b"" if platform is None else platform.firmware_contribution().dsdt_aml
 
 
 def _gsi_routing(machine: PciMachineLike, platform: PciPlatform) -> GsiRouting:
@@ -141,7 +148,7 @@ def _gsi_routing(machine: PciMachineLike, platform: PciPlatform) -> GsiRouting:
 
 
 @dataclass
-class VirtioPciAttachment:
+class VirtioPciAttachment(VirtioAttachment):
     """A virtio device on the machine's PCI bus; closing the transport (or this) tears it down."""
 
     device: VirtioDevice
@@ -164,10 +171,6 @@ class VirtioPciAttachment:
     @property
     def bar_size(self) -> int:
         return BAR_SIZE
-
-    @property
-    def io_thread_name(self) -> str:
-        return self.io.thread.name
 
     @property
     def msi_gsis(self) -> list[int]:
@@ -216,23 +219,9 @@ class VirtioPciAttachment:
         if self.device.interrupt_status:
             transport.intx.trigger()
 
-    def _teardown(self) -> None:
-        """Stop the I/O thread, then undo the KVM registrations and close the eventfds."""
-        self.io.stop()
+    def _quiesce(self) -> None:
         with self._notify_lock:
             self._deassign_notifications()
-        cleanups, self._cleanups = self._cleanups, []
-        run_teardown_steps(self.device.name, reversed(cleanups))  # undo in reverse order
-        self.io.close()
-
-    def close(self) -> None:
-        """Tear down and close the device (what closing the machine does through the PCI bus)."""
-        self.transport.close()
-
-
-def _close_fd(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
 
 
 def attach_virtio_pci(
@@ -296,19 +285,16 @@ def attach_virtio_pci(
 
 def _wire_eventfds(attachment: VirtioPciAttachment) -> None:
     """Notification ioeventfds that follow the BAR, and the level-triggered INTx irqfd."""
-    vm, transport, io, cleanups = attachment.vm, attachment.transport, attachment.io, attachment._cleanups
+    vm, transport, io = attachment.vm, attachment.transport, attachment.io
     transport.notify_listeners.append(attachment.move_notifications)
     # a notification that still exits (e.g. through the PCI_CFG window) goes to the I/O thread too
     transport.notify_handler = io.kick
     attachment.move_notifications(transport.notify_base)
 
-    irq_fd = new_eventfd()
-    cleanups.append(functools.partial(_close_fd, irq_fd))
-    resample_fd = new_eventfd()
-    cleanups.append(functools.partial(_close_fd, resample_fd))
-    attachment.irq_fd, attachment.resample_fd = irq_fd, resample_fd
+    irq_fd = attachment.irq_fd = attachment.owned_eventfd()
+    resample_fd = attachment.resample_fd = attachment.owned_eventfd()
     vm.register_irqfd(irq_fd, attachment.intx_gsi, resample_fd)
-    cleanups.append(functools.partial(vm.unregister_irqfd, irq_fd, attachment.intx_gsi))
+    attachment.add_cleanup(functools.partial(vm.unregister_irqfd, irq_fd, attachment.intx_gsi))
     intx: InterruptSignal = EventfdSignal(irq_fd)
     transport.intx = intx
     io.thread.add_reader(resample_fd, attachment._intx_resampled)

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from vmscope.devices.state import StateReader
 from vmscope.errors import DeviceError, GuestMemoryError
 from vmscope.memory.guest_memory import GuestMemory
 
@@ -177,6 +178,58 @@ class Virtqueue:
         self._signalled_valid = False
         self._unsignalled = 0
         self.ready = True
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Layout, enable and ring positions as plain data (the rings themselves live in guest RAM)."""
+        return {
+            "size": self.size,
+            "ready": self.ready,
+            "desc_addr": self.desc_addr,
+            "avail_addr": self.avail_addr,
+            "used_addr": self.used_addr,
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+            "avail_idx_seen": self._avail_idx_seen,
+            "signalled_used": self._signalled_used,
+            "signalled_valid": self._signalled_valid,
+            "unsignalled": self._unsignalled,
+            "indirect_enabled": self.indirect_enabled,
+            "event_idx_enabled": self.event_idx_enabled,
+        }
+
+    def load_state(self, reader: StateReader) -> None:
+        """Return to a saved state; a ready queue is re-validated against guest RAM and re-activated."""
+        size = reader.integer("size", 1, self.max_size)
+        if not is_power_of_two(size):
+            raise reader.error("size", f"{size} is not a power of two")
+        addresses = [
+            reader.integer(field, 0, (1 << 64) - 1) for field in ("desc_addr", "avail_addr", "used_addr")
+        ]
+        indices = [
+            reader.integer(field, 0, 0xFFFF)
+            for field in ("last_avail_idx", "used_idx", "avail_idx_seen", "signalled_used")
+        ]
+        unsignalled = reader.integer("unsignalled", 0, 0xFFFF)
+        flags = [
+            reader.flag(field)
+            for field in ("ready", "signalled_valid", "indirect_enabled", "event_idx_enabled")
+        ]
+        ready, signalled_valid, indirect, event_idx = flags
+        self.reset()
+        self.size = size
+        self.desc_addr, self.avail_addr, self.used_addr = addresses
+        if ready:
+            try:
+                self.activate()
+            except VirtqueueError as error:
+                raise reader.error(
+                    "ready", f"the saved layout does not fit this guest's RAM: {error}"
+                ) from None
+        self.last_avail_idx, self.used_idx, self._avail_idx_seen, self._signalled_used = indices
+        self._signalled_valid, self._unsignalled = signalled_valid, unsignalled
+        self.indirect_enabled, self.event_idx_enabled = indirect, event_idx
 
     # -- available ring ------------------------------------------------------------------------
 

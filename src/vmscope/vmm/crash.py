@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from vmscope.errors import GuestMemoryError
 from vmscope.kvm import structs as s
+from vmscope.kvm.registers import control_registers, general_registers, segment_selectors
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.memory.paging import PagingMode, read_virtual
 
@@ -128,15 +129,9 @@ def build_crash_report(
     report = CrashReport(
         vcpu_id=vcpu_id,
         reason=reason,
-        registers={name: int(getattr(regs, name)) for name in GPR_ORDER},
-        control={
-            "cr0": sregs.cr0,
-            "cr2": sregs.cr2,
-            "cr3": sregs.cr3,
-            "cr4": sregs.cr4,
-            "efer": sregs.efer,
-            "cs": sregs.cs.selector,
-        },
+        registers=general_registers(regs, GPR_ORDER),
+        control=control_registers(sregs, ("cr0", "cr2", "cr3", "cr4", "efer"))
+        | segment_selectors(sregs, ("cs",)),
         mode=mode_name,
         cpl=sregs.cs.dpl if sregs.cr0 & 1 else 0,
         backend=backend,
@@ -148,7 +143,7 @@ def build_crash_report(
         raw = b"".join(word.to_bytes(8, "little") for word in emulation_data[1:3])
         code = raw[1 : 1 + min(raw[0], 15)]
     if not code:
-        paging = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        paging = PagingMode.from_sregs(sregs)
         try:
             code = read_virtual(memory, paging, linear, 15)
         except GuestMemoryError:

@@ -7,7 +7,7 @@ single ``histogram.record(ns)`` call; everything else happens at report time.
 
 from __future__ import annotations
 
-from vmscope.profiler.histogram import LatencyHistogram
+from vmscope.histogram import LatencyHistogram
 
 
 class VcpuExitStats:

@@ -32,13 +32,15 @@ from vmscope.arch.x86.mptable import build_mptable
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
+from vmscope.firmware import FirmwareContributions, FirmwareContributor
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
+from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
-from vmscope.virtio.pci_attach import pci_dsdt_aml
+from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
@@ -149,10 +151,10 @@ class Machine:
             self.hooks.attach_runner(runner)
 
         self.guest: LoadedGuest | None = None
-        #: (base, size, gsi) of virtio-mmio devices, described to the guest in ACPI and cmdline
-        self.virtio_mmio_devices: list[tuple[int, int, int]] = []
-        #: words appended to a kernel's command line (virtio_mmio.device= entries)
-        self.extra_cmdline: list[str] = []
+        #: what devices and attachments add to ACPI tables and a kernel's command line
+        self.firmware = FirmwareContributions()
+        #: the PCI bus and its routing, made by the first virtio-pci attachment
+        self.pci_platform: PciPlatform | None = None
         #: virtio devices attached with vmm.virtio_setup (for stats and request traces)
         self.virtio_attachments: list[Any] = []
         #: resolves a guest address to "function+0xoff" for crash reports (set when symbols exist)
@@ -188,6 +190,8 @@ class Machine:
         """Map ``device`` at I/O ports [base, base+length)."""
         self.pio_bus.register(base, length, device)
         self._device_mappings.append(DeviceMapping("pio", base, length, device))
+        if isinstance(device, FirmwareContributor):
+            self.firmware.add(device)
 
     def add_mmio_device(self, base: int, length: int, device: Device) -> None:
         """Map ``device`` at guest-physical [base, base+length); it must not overlap RAM."""
@@ -199,6 +203,8 @@ class Machine:
                 )
         self.mmio_bus.register(base, length, device)
         self._device_mappings.append(DeviceMapping("mmio", base, length, device))
+        if isinstance(device, FirmwareContributor):
+            self.firmware.add(device)
 
     def add_exit_hook(
         self,
@@ -235,7 +241,7 @@ class Machine:
 
     def _paging_mode(self, vcpu: int) -> PagingMode:
         sregs = self._stopped_vcpu(vcpu).get_sregs()
-        return PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        return PagingMode.from_sregs(sregs)
 
     def read_virtual(self, address: int, length: int, *, vcpu: int = 0) -> bytes:
         """Read through ``vcpu``'s page tables (the VM must be paused or not yet started)."""
@@ -257,19 +263,13 @@ class Machine:
     def get_registers(self, vcpu: int = 0) -> dict[str, int]:
         """General registers, rip, rflags and control registers of a stopped vCPU."""
         target = self._stopped_vcpu(vcpu)
-        regs, sregs = target.get_regs(), target.get_sregs()
-        values = {field[0]: int(getattr(regs, field[0])) for field in regs._fields_}
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            values[name] = int(getattr(sregs, name))
-        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-            values[name] = int(getattr(sregs, name).selector)
-        return values
+        return register_dict(target.get_regs(), target.get_sregs())
 
     def set_registers(self, vcpu: int = 0, **values: int) -> None:
         """Change general registers / rip / rflags of a stopped vCPU, e.g. ``set_registers(0, rax=1)``."""
         target = self._stopped_vcpu(vcpu)
         regs = target.get_regs()
-        known = {field[0] for field in regs._fields_}
+        known = set(GENERAL_REGISTERS)
         unknown = sorted(set(values) - known)
         if unknown:
             expected = ", ".join(sorted(known))
@@ -299,19 +299,20 @@ class Machine:
         """
         rsdp_address = 0
         reserved: Sequence[E820Entry] = ()
+        firmware = self.firmware.collect()
         if firmware_tables and kind != "flat":
             tables = build_acpi_tables(
                 self.memory,
                 self.cpu_count,
-                virtio_mmio_devices=self.virtio_mmio_devices,
-                cmos_rtc=self.pio_bus.lookup(0x70) is not None,
-                i8042=self.pio_bus.lookup(0x60) is not None,
-                extra_dsdt_aml=pci_dsdt_aml(self),
+                virtio_mmio_devices=firmware.virtio_mmio,
+                cmos_rtc="cmos_rtc" in firmware.boot_flags,
+                i8042="i8042" in firmware.boot_flags,
+                extra_dsdt_aml=firmware.dsdt_aml,
             )
             build_mptable(self.memory, self.cpu_count)
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
-        if self.extra_cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
-            cmdline = " ".join([cmdline, *self.extra_cmdline]).strip()
+        if firmware.cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
+            cmdline = " ".join([cmdline, *firmware.cmdline]).strip()
         guest = load_guest(
             self.memory,
             Path(path),
@@ -538,11 +539,4 @@ def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
     except Exception as error:  # missing symbols must never stop a run
         log.debug("no symbols from %s: %s", path, error)
         return None
-
-    def lookup(address: int) -> str | None:
-        symbol = symbolizer.lookup(address)
-        if symbol is None:
-            return None
-        return f"{symbol.name}+{symbol.offset:#x}"
-
-    return lookup
+    return symbolizer.name_and_offset

@@ -87,10 +87,9 @@ def _attach(
         pci_attachment = attach_virtio_pci(machine, device, iothreads=iothreads)
         machine.virtio_attachments.append(pci_attachment)
         return pci_attachment
-    base, gsi = virtio_mmio_slot(len(machine.virtio_mmio_devices))
+    base, gsi = virtio_mmio_slot(len(machine.firmware.collect().virtio_mmio))
     attachment = attach_virtio_mmio(machine, device, base=base, gsi=gsi, iothreads=iothreads, trigger="level")
-    machine.virtio_mmio_devices.append(attachment.acpi_entry())
-    machine.extra_cmdline.append(attachment.cmdline_entry())
+    machine.firmware.add(attachment)
     machine.virtio_attachments.append(attachment)
     return attachment
 

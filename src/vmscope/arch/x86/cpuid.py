@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from vmscope import __version__
 from vmscope.errors import ConfigError
+from vmscope.version import __version__
 
 #: kvm_cpuid_entry2.flags: the entry applies to one sub-leaf (ECX) only
 KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1

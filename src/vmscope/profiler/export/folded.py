@@ -6,8 +6,8 @@ Feed it to flamegraph.pl, inferno, or speedscope. Exit samples end in a syntheti
 
 from __future__ import annotations
 
+from vmscope.profiler.analysis import FrameNamer, aggregate_stacks, select_samples
 from vmscope.profiler.model import Profile
-from vmscope.profiler.report import FrameNamer, aggregate_stacks, select_samples
 
 
 def sanitize_frame(name: str) -> str:

@@ -13,8 +13,7 @@ import json
 import os
 from typing import Any
 
-from vmscope.profiler.model import IO_PART_NAMES, Profile
-from vmscope.profiler.report import (
+from vmscope.profiler.analysis import (
     FrameNamer,
     aggregate_stacks,
     describe_profile,
@@ -30,6 +29,7 @@ from vmscope.profiler.report import (
     top_functions,
     vcpu_times,
 )
+from vmscope.profiler.model import IO_PART_NAMES, Profile
 
 #: the timeline keeps the earliest spans up to this many, so the page stays loadable
 MAX_TIMELINE_SPANS = 20_000

@@ -21,8 +21,8 @@ from google.protobuf import (  # type: ignore[import-untyped, unused-ignore]
     message_factory,
 )
 
+from vmscope.profiler.analysis import FrameNamer, exit_sample_weights
 from vmscope.profiler.model import ORIGIN_EXIT, Profile, exit_label
-from vmscope.profiler.report import FrameNamer, exit_sample_weights
 
 PROTO_PACKAGE = "perftools.profiles"
 SAMPLE_TYPES = (("samples", "count"), ("exits", "count"), ("exit_time", "nanoseconds"))

@@ -11,9 +11,9 @@ import json
 import os
 from typing import Any
 
-from vmscope import __version__
+from vmscope.profiler.analysis import FrameNamer, exit_frame_name, select_samples
 from vmscope.profiler.model import Profile
-from vmscope.profiler.report import FrameNamer, exit_frame_name, select_samples
+from vmscope.version import __version__
 
 SCHEMA_URL = "https://www.speedscope.app/file-format-schema.json"
 
