@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from vmscope.errors import ConfigError
+from vmscope.file_limits import MAX_INITRAMFS_FILE_BYTES, read_bounded
 
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"
@@ -186,8 +187,13 @@ def _entries_for_addition(source: Path, destination: str) -> list[CpioEntry]:
             else:
                 entries.extend(_entries_for_addition(child, child_name))
         return entries
+    data = read_bounded(
+        str(source),
+        MAX_INITRAMFS_FILE_BYTES,
+        lambda problem: ConfigError(f"{source}: {problem}"),
+        "initramfs file",
+    )
     try:
-        data = source.read_bytes()
         permissions = stat.S_IMODE(source.stat().st_mode)
     except OSError as error:
         raise ConfigError(f"cannot read {source} for the initramfs: {error.strerror}") from None
@@ -245,7 +251,18 @@ def build_initramfs(
     if busybox is not None:
         busybox = Path(busybox)
         check_static_busybox(busybox)
-        archive.add(regular_file("bin/busybox", busybox.read_bytes(), 0o755))
+        archive.add(
+            regular_file(
+                "bin/busybox",
+                read_bounded(
+                    str(busybox),
+                    MAX_INITRAMFS_FILE_BYTES,
+                    lambda problem: ConfigError(f"{busybox}: {problem}"),
+                    "busybox",
+                ),
+                0o755,
+            )
+        )
         for applet in BIN_APPLETS:
             archive.add(symlink(f"bin/{applet}", "busybox"))
         for applet in SBIN_APPLETS:

@@ -56,7 +56,7 @@ def test_record_stores_counters_and_report_html_and_trace_show_them(tmp_path: Pa
         [*env_python, "record", "-o", str(output), "--events", "task-clock,context-switches,cycles", "-q"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
-    assert recorded.returncode == 33, recorded.stderr
+    assert recorded.returncode == 0, recorded.stderr
     profile: Profile = profile_file.load(output)
     (vcpu,) = profile.counters
     assert vcpu.thread == "vcpu0" and 0 < vcpu.values["task-clock"] <= profile.metadata.duration_ns
@@ -90,5 +90,5 @@ def test_stat_prints_the_counter_table_unless_told_not_to(events: str) -> None:
         [sys.executable, "-m", "vmscope", "stat", "--events", events, "-q", "--", "--serial", "none"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
-    assert done.returncode == 33, done.stderr
+    assert done.returncode == 0, done.stderr
     assert ("Host counters per thread" in done.stdout) == (events != "none")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from vmscope.errors import VmscopeError
-from vmscope.version import __version__
+# Everything else is imported inside main(): a Ctrl-C during start-up must end quietly (status 130),
+# which only the try block there can promise.
+if TYPE_CHECKING:
+    import argparse
 
 DESCRIPTION = """\
 vmscope boots guests on Linux KVM and shows where every cycle of the virtual machine goes.
@@ -29,6 +29,11 @@ SUBCOMMANDS = ("run", "stat", "record", "report", "diff", "initramfs", "ctl", "t
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; with a subcommand in ``argv`` only that subcommand's module is imported."""
+    import argparse
+    import importlib
+
+    from vmscope import __version__
+
     parser = argparse.ArgumentParser(
         prog="vmscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -42,24 +47,36 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C anywhere, including the imports of start-up: no traceback, the shell's status
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    import logging
+
+    from vmscope import log_sink
+    from vmscope.errors import VmscopeError
+
     arguments = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(
-        level=level, format="vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s"
-    )
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    # guest-triggered lines are rate-limited and written by a thread of their own (see log_sink)
+    log_sink.install(level, "vmscope: %(message)s" if args.verbose < 2 else "%(name)s: %(message)s")
     try:
         status: int = args.func(args)
         return status
     except VmscopeError as error:
         print(f"vmscope: {error}", file=sys.stderr)
         return error.exit_status
-    except KeyboardInterrupt:
-        return 130
+    finally:
+        log_sink.uninstall()
 
 
 if __name__ == "__main__":

@@ -123,7 +123,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _open_text(path: Path) -> TextIO:
     try:
-        return open(path, "w", encoding="utf-8")
+        # reports carry guest data (functions, stacks): owner only, as the profile itself
+        return open(
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w", encoding="utf-8"
+        )
     except OSError as error:
         raise VmscopeError(f"{path}: cannot write: {error.strerror or error}") from None
 
@@ -131,7 +134,9 @@ def _open_text(path: Path) -> TextIO:
 def _write(path: Path, data: bytes) -> None:
     temporary = f"{path}.tmp{os.getpid()}"
     try:
-        with open(temporary, "wb") as stream:
+        with open(
+            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb"
+        ) as stream:
             stream.write(data)
         os.replace(temporary, path)
     except OSError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +33,26 @@ examples:
 """
 
 
+#: see vmscope.sandbox; the whole test suite passes with "on"
+DEFAULT_SECCOMP = "on"
+
+
 def _int(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x for hex)") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (a negative or zero limit would stop the guest at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,10 +110,15 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="complete in vmscope the instructions the host's KVM cannot emulate (default on); "
         "off shows KVM's own behaviour (a crash report)",
     )  # fmt: skip
-    machine.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this long")
+    machine.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="stop the guest after this long")
     machine.add_argument(
         "--control", metavar="PATH", help="serve a control socket (mode 0600) at PATH for vmscope ctl / top"
     )
+    machine.add_argument(
+        "--seccomp", choices=("on", "log", "off"), default=DEFAULT_SECCOMP,
+        help="system-call allow-lists per thread once the guest runs: on (a forbidden call stops vmscope), "
+        f"log (the kernel logs it; dmesg), off (default {DEFAULT_SECCOMP})",
+    )  # fmt: skip
     io = parser.add_argument_group("virtio devices")
     io.add_argument(
         "--disk", action="append", default=[], metavar="PATH[,readonly][,transport=mmio|pci]",
@@ -148,6 +169,9 @@ def _restore_machine(args: argparse.Namespace) -> Machine:
 
 def build_machine(args: argparse.Namespace) -> Machine:
     """A Machine with the platform devices and the requested guest loaded (or restored)."""
+    from vmscope import sandbox
+
+    sandbox.configure(args.seccomp)
     if args.restore is not None:
         return _restore_machine(args)
     from vmscope.loader.bzimage import is_bzimage
@@ -229,7 +253,7 @@ def run_with_control(machine: Machine, args: argparse.Namespace) -> RunResult:
 
         control = attach_control_server(machine, args.control)
     try:
-        return machine.run(timeout=args.timeout)
+        return machine.run(timeout=args.timeout, confine_caller=True)
     finally:
         if control is not None:
             control.close()

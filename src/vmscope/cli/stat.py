@@ -7,6 +7,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from vmscope import log_sink
 from vmscope.cli.record import add_events_argument, counter_session, merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.options import EVENT_CLASSES, EXIT_SORT_KEYS
@@ -67,6 +68,12 @@ def handle(args: argparse.Namespace) -> int:
         counters.fill(profile)
         render_kvm_stat(profile, console, options, console.is_terminal)
         render_counters(profile, console, console.is_terminal)
+        held_back = log_sink.counts()
+        console.print(
+            f"log lines held back: {held_back.suppressed} suppressed (rate limit per cause), "
+            f"{held_back.dropped} dropped (log writer behind)",
+            highlight=False,
+        )
     finally:
         machine.close()
     report_result(result, args.quiet)

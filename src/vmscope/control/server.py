@@ -30,6 +30,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
+from vmscope import sandbox
 from vmscope.control.handlers import ControlProtocol
 from vmscope.control.schema import (
     COMMANDS,
@@ -165,6 +166,11 @@ class ControlServer:
 
     def _serve(self) -> None:
         name_host_thread()
+        try:
+            sandbox.enter("control")
+        except ConfigError as error:
+            log.error("control socket: %s", error)
+            return
         selector = self._selector
         assert selector is not None
         while not self._closing.is_set():

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from vmscope import sandbox
 from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread
 from vmscope.unix_socket import listen_unix, remove_socket_file
@@ -188,6 +189,7 @@ class StdioBackend(SerialBackend):
     @staticmethod
     def _read_loop(fd: int, waker: _Waker, deliver: InputSink) -> None:
         name_host_thread()
+        sandbox.enter_or_log("io")
         while waker.wait_readable(fd):
             try:
                 chunk = os.read(fd, _READ_CHUNK)
@@ -220,12 +222,15 @@ def _stop_reader(thread: threading.Thread | None, waker: _Waker | None) -> None:
 class FileBackend(SerialBackend):
     """Appends guest output to a file, one unbuffered write per guest write."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, option: str = "serial") -> None:
+        """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd: int | None = os.open(
+                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )  # guest output: owner only
         except OSError as error:
-            raise ConfigError(f"serial file:{path}: cannot open for appending: {error.strerror}") from None
+            raise ConfigError(f"{option} file:{path}: cannot open for appending: {error.strerror}") from None
 
     def write(self, data: bytes) -> None:
         fd = self._fd
@@ -255,10 +260,12 @@ class UnixSocketBackend(SerialBackend):
     write goes through whole again: the guest must never stall on a client.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, option: str = "serial") -> None:
+        """``option`` names the setting in errors ("serial", "console")."""
         self.path = path
         self.dropped_bytes = 0
-        self._listener, self._identity = listen_unix(path, f"serial unix:{path}", backlog=1)
+        # owner only, like the control socket: the guest's console is no one else's business
+        self._listener, self._identity = listen_unix(path, f"{option} unix:{path}", backlog=1, private=True)
         self._client: socket.socket | None = None
         self._congested = False  # the last write timed out; do not wait for this client again
         self._connected = threading.Event()
@@ -285,6 +292,7 @@ class UnixSocketBackend(SerialBackend):
 
     def _serve(self, waker: _Waker, deliver: InputSink) -> None:
         name_host_thread()
+        sandbox.enter_or_log("control")  # accepts clients on its listening socket
         listener = self._listener
         while not self._stopping and waker.wait_readable(listener.fileno()):
             try:
@@ -381,40 +389,44 @@ class SerialSpec:
         return self.kind if self.path is None else f"{self.kind}:{self.path}"
 
 
-def parse_serial_spec(text: str) -> SerialSpec:
-    """Parse ``stdio``, ``none``, ``file:PATH`` or ``unix:PATH``; raise ConfigError otherwise."""
+def parse_serial_spec(text: str, option: str = "serial") -> SerialSpec:
+    """Parse ``stdio``, ``none``, ``file:PATH`` or ``unix:PATH``; raise ConfigError otherwise.
+
+    ``option`` names the setting in errors: "serial" for COM1, "console" for virtio-console."""
     if text == "stdio":
         return SerialSpec("stdio")
     if text == "none":
         return SerialSpec("none")
     kind, colon, path = text.partition(":")
     if not colon or kind not in ("file", "unix"):
-        raise ConfigError(f"serial {text!r}: expected {_SPEC_FORMS}")
+        raise ConfigError(f"{option} {text!r}: expected {_SPEC_FORMS}")
     if not path:
         example = "/tmp/guest.log" if kind == "file" else "/tmp/guest.sock"
-        raise ConfigError(f"serial {text!r}: {kind}: needs a path, e.g. {kind}:{example}")
+        raise ConfigError(f"{option} {text!r}: {kind}: needs a path, e.g. {kind}:{example}")
     if "\0" in path:
-        raise ConfigError(f"serial {text!r}: the path contains a NUL character")
+        raise ConfigError(f"{option} {text!r}: the path contains a NUL character")
     if kind == "file":
         return SerialSpec("file", path)
     length = len(os.fsencode(path))
     if length > _UNIX_PATH_MAX:
         raise ConfigError(
-            f"serial {kind}:{path[:40]}...: socket path is {length} bytes, "
+            f"{option} {kind}:{path[:40]}...: socket path is {length} bytes, "
             f"over the {_UNIX_PATH_MAX} Linux allows"
         )
     return SerialSpec("unix", path)
 
 
-def open_serial_backend(spec: SerialSpec | str) -> SerialBackend:
-    """Create the backend a spec names (a string is parsed first); ConfigError if it cannot be opened."""
-    parsed = parse_serial_spec(spec) if isinstance(spec, str) else spec
+def open_serial_backend(spec: SerialSpec | str, option: str = "serial") -> SerialBackend:
+    """Create the backend a spec names (a string is parsed first); ConfigError if it cannot be opened.
+
+    ``option`` names the setting in errors ("serial", "console")."""
+    parsed = parse_serial_spec(spec, option) if isinstance(spec, str) else spec
     if parsed.kind == "stdio":
         return StdioBackend()
     if parsed.kind == "none":
         return NullBackend()
     if parsed.path is None:
-        raise ConfigError(f"serial {parsed.kind}: needs a path")
+        raise ConfigError(f"{option} {parsed.kind}: needs a path")
     if parsed.kind == "file":
-        return FileBackend(parsed.path)
-    return UnixSocketBackend(parsed.path)
+        return FileBackend(parsed.path, option)
+    return UnixSocketBackend(parsed.path, option)

@@ -60,6 +60,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
+from vmscope import sandbox
 from vmscope.errors import ConfigError, GuestMemoryError, KvmError
 from vmscope.gdbstub import protocol as p
 from vmscope.gdbstub import registers as r
@@ -258,6 +259,7 @@ class GdbStub(RunControl):
 
     def _serve(self) -> None:
         name_host_thread()
+        sandbox.enter_or_log("control")  # accepts a debugger, reads and writes guest state
         listener = self._listener
         assert listener is not None
         try:

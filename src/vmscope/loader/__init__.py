@@ -7,6 +7,7 @@ and a load address was given).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,7 @@ from typing import Literal
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.e820 import E820Entry
 from vmscope.errors import ConfigError, ImageFormatError
+from vmscope.file_limits import MAX_IMAGE_BYTES, check_regular_file
 from vmscope.loader.base import LoadedGuest, LoadedSegment
 from vmscope.loader.bzimage import is_bzimage, load_bzimage
 from vmscope.loader.elf import has_elf_magic, load_elf, load_elf_image, read_elf_image
@@ -61,6 +63,14 @@ def load_guest(
     if kind not in GUEST_KINDS:
         raise ConfigError(f"unknown guest image kind {kind!r}: expected one of {', '.join(GUEST_KINDS)}")
     path = Path(path)
+    # every image is a regular file of bounded size (not /dev/zero, a FIFO or a directory)
+    for image_file in (path, *modules):
+        check_regular_file(
+            str(image_file),
+            MAX_IMAGE_BYTES,
+            functools.partial(ImageFormatError, str(image_file)),
+            "guest image",
+        )
     is_elf = has_elf_magic(path)  # also turns a missing or unreadable file into ImageFormatError
     if kind == "flat" or (kind == "auto" and not is_elf and flat_address is not None):
         if flat_address is None or flat_mode is None:

@@ -70,6 +70,31 @@ def parse_size(text: str) -> int:
     return number * scale
 
 
+def host_memory_bytes() -> int:
+    """Physical RAM of this host (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def check_fits_host(size: int, host_bytes: int | None = None) -> None:
+    """Refuse guest RAM larger than the host's: it could only end in the OOM killer mid-run."""
+    host = host_memory_bytes() if host_bytes is None else host_bytes
+    if host and size > host:
+        raise ConfigError(
+            f"--mem {_format_size(size)} is more than this host's {_format_size(host)} of RAM; "
+            "give a smaller --mem"
+        )
+
+
+def _format_size(size: int) -> str:
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.4g}{unit}"
+    return str(size)
+
+
 def _advise_huge_pages(mapping: mmap.mmap) -> None:
     """Ask for transparent huge pages behind guest RAM, as QEMU does (``MADV_HUGEPAGE``).
 
@@ -103,20 +128,26 @@ class GuestMemory:
                 raise ConfigError(f"memory region {base:#x}+{size:#x} is not page aligned")
             if self._regions and base < self._regions[-1].guest_end:
                 raise ConfigError(f"memory region {base:#x}+{size:#x} overlaps another")
-            if backing_fd is None:
-                mapping = mmap.mmap(
-                    -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-                )
-                _advise_huge_pages(mapping)
-            else:
-                mapping = mmap.mmap(
-                    backing_fd,
-                    size,
-                    flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=file_offset,
-                )
-                file_offset += size
+            try:
+                if backing_fd is None:
+                    anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+                    mapping = mmap.mmap(-1, size, flags=anonymous)
+                    _advise_huge_pages(mapping)
+                else:
+                    mapping = mmap.mmap(
+                        backing_fd,
+                        size,
+                        flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=file_offset,
+                    )
+                    file_offset += size
+            except OSError as error:
+                self.close()
+                raise ConfigError(
+                    f"guest memory: cannot map {size >> 20} MiB at {base:#x} ({error.strerror or error}); "
+                    "give a smaller --mem"
+                ) from None
             host_address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
             self._regions.append(MemoryRegion(base, size, mapping, host_address, slot))
         if not self._regions:

@@ -21,6 +21,7 @@ import zlib
 from typing import Any
 
 from vmscope.errors import VmscopeError
+from vmscope.file_limits import MAX_PROFILE_BYTES, MAX_PROFILE_JSON_BYTES, read_bounded
 from vmscope.profiler.model import Profile
 
 MAGIC = b"VMSCOPE-PROFILE\n"
@@ -70,7 +71,7 @@ def save(profile: Profile, path: str | os.PathLike[str]) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o600)  # guest memory contents (stacks, symbols): owner only
         os.replace(temporary, path_text)
     except OSError as error:
         with contextlib.suppress(OSError):
@@ -81,14 +82,42 @@ def save(profile: Profile, path: str | os.PathLike[str]) -> None:
 def load(path: str | os.PathLike[str]) -> Profile:
     """Read a profile written by :func:`save`; any problem raises a one-line vmscope error."""
     path_text = os.fspath(path)
-    try:
-        with open(path_text, "rb") as stream:
-            data = stream.read()
-    except IsADirectoryError:
-        raise VmscopeError(f"{path_text}: is a directory, not a profile") from None
-    except OSError as error:
-        raise VmscopeError(f"{path_text}: cannot read profile: {error.strerror or error}") from None
+
+    def fail(problem: str) -> VmscopeError:
+        return ProfileFormatError(path_text, problem.replace("cannot read:", "cannot read profile:"))
+
+    data = read_bounded(path_text, MAX_PROFILE_BYTES, fail, "profile")
     return decode(data, path_text)
+
+
+#: no number in a profile needs more digits than 2**64 (20) has; longer ones cost quadratic time
+_MAX_INT_DIGITS = 24
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS:
+        raise ValueError(f"a {len(text)}-digit integer, longer than any profile value")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a profile value")
+
+
+def _decompress(compressed: bytes, path: str) -> bytes:
+    """gzip data of at most MAX_PROFILE_JSON_BYTES decompressed (a small file may be a gzip bomb)."""
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        payload = decompressor.decompress(compressed, MAX_PROFILE_JSON_BYTES)
+    except zlib.error as error:
+        raise ProfileFormatError(path, f"corrupt vmscope profile (bad compressed data: {error})") from None
+    if decompressor.unconsumed_tail:
+        raise ProfileFormatError(
+            path, f"corrupt vmscope profile (decompresses to more than {MAX_PROFILE_JSON_BYTES >> 30} GiB)"
+        )
+    if not decompressor.eof:
+        raise ProfileFormatError(path, "truncated vmscope profile (compressed data ends early)")
+    return payload
 
 
 def decode(data: bytes, path: str = "<profile>") -> Profile:
@@ -122,16 +151,16 @@ def decode(data: bytes, path: str = "<profile>") -> Profile:
     compressed = data[newline + 1 :]
     if not compressed:
         raise ProfileFormatError(path, "truncated vmscope profile (no data after the header)")
+    payload = _decompress(compressed, path)
     try:
-        payload = gzip.decompress(compressed)
-    except EOFError:
-        raise ProfileFormatError(path, "truncated vmscope profile (compressed data ends early)") from None
-    except (gzip.BadGzipFile, zlib.error) as error:
-        raise ProfileFormatError(path, f"corrupt vmscope profile (bad compressed data: {error})") from None
-    try:
-        document = json.loads(payload)
+        document = json.loads(payload, parse_int=_bounded_int, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ProfileFormatError(path, f"corrupt vmscope profile (bad JSON: {error})") from None
+    except RecursionError:
+        # the C decoder stops at the interpreter's recursion limit; real profiles nest ~5 deep
+        raise ProfileFormatError(path, "corrupt vmscope profile (JSON nested too deeply)") from None
+    except ValueError as error:
+        raise ProfileFormatError(path, f"corrupt vmscope profile ({error})") from None
     if not isinstance(document, dict) or document.get("format_version") != version:
         raise ProfileFormatError(path, "corrupt vmscope profile (format version missing from the data)")
     try:

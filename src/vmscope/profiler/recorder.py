@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmscope import log_sink, sandbox
 from vmscope.devices.traces import MarkerSource, RequestTraceSource
 from vmscope.errors import GuestMemoryError, VmscopeError
 from vmscope.host_thread import name_host_thread
@@ -329,6 +330,7 @@ class ProfileRecorder:
 
     def _sampler_loop(self) -> None:
         name_host_thread()
+        sandbox.enter_or_log("io")  # KVM ioctls, signal kicks and guest memory only
         period = 1.0 / self.frequency_hz
         next_tick = time.monotonic() + period
         while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
@@ -358,6 +360,9 @@ class ProfileRecorder:
             meta.guest_kind = machine.guest.kind
             if machine.guest.symbol_file is not None:
                 meta.guest_image = str(machine.guest.symbol_file)
+        held_back = log_sink.counts()
+        meta.extra["log_lines_suppressed"] = str(held_back.suppressed)
+        meta.extra["log_lines_dropped"] = str(held_back.dropped)
         meta.extra["kicks"] = str(sum(s.kicks_sent for s in self._states.values()))
         meta.extra["exit_sample_stride_max"] = str(
             max((s.exit_sample_stride for s in self._states.values()), default=1)

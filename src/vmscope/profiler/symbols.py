@@ -11,12 +11,15 @@ the same table, capped at :data:`MAX_SIZELESS_EXTENT`. Nested symbols resolve to
 from __future__ import annotations
 
 import bisect
+import functools
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmscope.errors import VmscopeError
+from vmscope.file_limits import MAX_SYMBOL_ELF_BYTES, MAX_SYMBOL_TEXT_BYTES, check_regular_file, read_bounded
 
 #: x86-64 canonical higher half: guest addresses at or above this are kernel addresses
 KERNEL_ADDRESS_START = 0xFFFF_8000_0000_0000
@@ -142,7 +145,11 @@ def load_symbol_file(
     Returns one table per module (a kallsyms listing names loadable modules in its 4th column).
     """
     path_text = os.fspath(path)
+    fail = functools.partial(SymbolFileError, path_text)
     try:
+        mode = os.stat(path_text).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise fail("is a device, not a symbol file (ELF, System.map or kallsyms)")
         with open(path_text, "rb") as stream:
             magic = stream.read(4)
     except OSError as error:
@@ -168,6 +175,9 @@ def load_elf_symbols(
 
     path_text = os.fspath(path)
     module_name = module or os.path.basename(path_text)
+    check_regular_file(
+        path_text, MAX_SYMBOL_ELF_BYTES, functools.partial(SymbolFileError, path_text), "symbol file"
+    )
     try:
         with open(path_text, "rb") as stream:
             elf = ELFFile(stream)
@@ -249,11 +259,12 @@ def load_kallsyms(
 ) -> list[SymbolTable]:
     """/proc/kallsyms text (``address type name [module]``); code symbols only."""
     path_text = os.fspath(path)
-    try:
-        with open(path_text, "rb") as stream:
-            raw = stream.read()
-    except OSError as error:
-        raise SymbolFileError(path_text, f"cannot read: {error.strerror or error}") from None
+    raw = read_bounded(
+        path_text,
+        MAX_SYMBOL_TEXT_BYTES,
+        functools.partial(SymbolFileError, path_text),
+        "System.map/kallsyms file",
+    )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -147,9 +147,11 @@ _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 class _RequestFailed(Exception):
     """Completes the request with ``status`` (IOERR / UNSUPP); not a queue error."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, host_fault: bool = False) -> None:
         super().__init__(reason)
         self.status = status
+        #: the host's image failed (ENOSPC, EIO, a file truncated under the VM), not the request
+        self.host_fault = host_fault
 
 
 class VirtioBlock(VirtioDevice):
@@ -196,6 +198,8 @@ class VirtioBlock(VirtioDevice):
         self.bytes_read = 0
         self.bytes_written = 0
         self.io_errors = 0
+        #: of io_errors, those where the host's image failed (ENOSPC, EIO, truncated under the VM)
+        self.host_io_errors = 0
         self.unsupported = 0
 
     # -- virtio hooks ---------------------------------------------------------------------------
@@ -389,8 +393,7 @@ class VirtioBlock(VirtioDevice):
                     records.append(self._serve(queue, chain, notified_ns, pickup_ns))
                 return
             status = failure.status
-            self.io_errors += 1
-            log.debug("%s: request %d failed (status %d): %s", self.name, run[0][0].head, status, failure)
+            self._count_failure(failure, run[0][0].head)
         backend_end = clock()
         memory = self.memory
         ram_start, ram_end, ram = self._ram_window()
@@ -502,9 +505,9 @@ class VirtioBlock(VirtioDevice):
             written = 0
             if status == VIRTIO_BLK_S_UNSUPP:
                 self.unsupported += 1
+                log.debug("%s: request %d unsupported: %s", self.name, chain.head, failure)
             else:
-                self.io_errors += 1
-            log.debug("%s: request %d failed (status %d): %s", self.name, chain.head, status, failure)
+                self._count_failure(failure, chain.head)
         # the status is the last device-writable byte: the last byte of the last writable buffer
         status_address, status_length = writable[-1]
         memory.write_u8(status_address + status_length - 1, status)
@@ -546,6 +549,16 @@ class VirtioBlock(VirtioDevice):
         if self._write_through:
             self._sync()
 
+    def _count_failure(self, failure: _RequestFailed, head: int) -> None:
+        """Count an IOERR completion; a failing host image is the user's business (the log sink
+        rate-limits it), a malformed request only the guest's."""
+        self.io_errors += 1
+        if failure.host_fault:
+            self.host_io_errors += 1
+            log.warning("%s: %s: the guest gets VIRTIO_BLK_S_IOERR", self.name, failure)
+        else:
+            log.debug("%s: request %d failed: %s", self.name, head, failure)
+
     def _transfer(self, fd: int, pieces: list[tuple[int, int]], offset: int, *, write: bool) -> None:
         """preadv/pwritev between guest buffers and the image, all bytes or IOERR."""
         if len(pieces) == 1:  # the usual case: one data buffer, usually moved by one syscall
@@ -554,13 +567,15 @@ class VirtioBlock(VirtioDevice):
             try:
                 done = os.pwrite(fd, view, offset) if write else os.preadv(fd, (view,), offset)
             except OSError as error:
-                raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}") from None
+                raise _RequestFailed(
+                    VIRTIO_BLK_S_IOERR, f"host I/O error: {error}", host_fault=True
+                ) from None
             finally:
                 view.release()
             if done == size:
                 return
             if done <= 0:
-                raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
+                raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)", host_fault=True)
             pieces, offset = [(address + done, size - done)], offset + done
         for start in range(0, len(pieces), _IOV_MAX):
             views = [self._guest_view(address, size) for address, size in pieces[start : start + _IOV_MAX]]
@@ -570,9 +585,13 @@ class VirtioBlock(VirtioDevice):
                     try:
                         done = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
                     except OSError as error:
-                        raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}") from None
+                        raise _RequestFailed(
+                            VIRTIO_BLK_S_IOERR, f"host I/O error: {error}", host_fault=True
+                        ) from None
                     if done <= 0:
-                        raise _RequestFailed(VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)")
+                        raise _RequestFailed(
+                            VIRTIO_BLK_S_IOERR, "short transfer (image shrank?)", host_fault=True
+                        )
                     offset += done
                     remaining -= done
                     if remaining:
@@ -604,7 +623,7 @@ class VirtioBlock(VirtioDevice):
         try:
             os.fsync(fd)
         except OSError as error:
-            raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"fsync failed: {error}") from None
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"fsync failed: {error}", host_fault=True) from None
 
     def _parse_segments(
         self, request_type: int, chain: DescriptorChain, readable_length: int
@@ -643,7 +662,7 @@ class VirtioBlock(VirtioDevice):
                 if length and not (deallocate and punch_hole(fd, offset, length)):
                     write_zeros(fd, offset, length)
         except OSError as error:
-            raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}") from None
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR, f"host I/O error: {error}", host_fault=True) from None
         if self._write_through:
             self._sync()
 

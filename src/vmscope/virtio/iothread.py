@@ -44,6 +44,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmscope import sandbox
+from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread, set_timer_slack
 from vmscope.virtio.device import VirtioDevice
 
@@ -144,6 +146,11 @@ class IoThread:
 
     def _run(self) -> None:
         name_host_thread(self.name)
+        try:
+            sandbox.enter("io")
+        except ConfigError as error:
+            log.error("%s: %s", self.name, error)
+            return
         selector, stop_fd = self._selector, self._stop_fd
         while True:
             try:

@@ -49,6 +49,8 @@ class NetBackendStats:
     frames_received: int = 0
     send_dropped: int = 0
     receive_ignored: int = 0
+    #: errors the host reported on receive (ECONNREFUSED after the peer went away, ...)
+    receive_errors: int = 0
 
 
 class NetBackend(ABC):
@@ -172,6 +174,7 @@ class UdpBackend(NetBackend):
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as error:  # e.g. ECONNREFUSED reported for an earlier send
+                self.stats.receive_errors += 1
                 log.debug("udp backend port %d: receive error %s", self.local_port, error)
                 return None
             if sender[:2] != self.remote:

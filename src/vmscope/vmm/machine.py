@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vmscope import sandbox
 from vmscope.arch.x86 import cpuid as cpuid_policy
 from vmscope.arch.x86.acpi import build_acpi_tables
 from vmscope.arch.x86.cpu_state import CpuMode
@@ -39,7 +40,7 @@ from vmscope.kvm.exits import RareExit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
-from vmscope.memory.guest_memory import GuestMemory, parse_size
+from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.config import MachineConfig
@@ -124,6 +125,7 @@ class Machine:
         ``memory``: guest RAM already mapped (of ``mem`` bytes; e.g. a snapshot's), instead of
         fresh zeroed RAM."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
+        check_fits_host(size)
         if memory is not None and memory.size != size:
             raise ConfigError(f"the given guest memory is {memory.size} bytes, not {size}")
         self.kvm = Kvm(kvm_device)
@@ -413,8 +415,13 @@ class Machine:
             return None
         return self.result()
 
-    def run(self, timeout: float | None = None) -> RunResult:
-        """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended."""
+    def run(self, timeout: float | None = None, *, confine_caller: bool = False) -> RunResult:
+        """Start, wait until the guest stops (or ``timeout``, or Ctrl-C / SIGTERM), return how it ended.
+
+        ``confine_caller``: once the machine runs, bind the calling thread to the sandbox's "main"
+        allow-list too (the CLI does; a program embedding vmscope usually cannot live with that)."""
+        if timeout is not None and not timeout > 0:  # also NaN
+            raise ConfigError(f"timeout {timeout!r}: give a positive number of seconds (or None)")
         previous_term = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -423,6 +430,8 @@ class Machine:
             )
         try:
             self.start()
+            if confine_caller:
+                sandbox.enter("main")
             try:
                 if self.wait(timeout) is None:
                     self.request_stop(f"stopped after the {timeout:g} s time limit", 124)

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from vmscope import sandbox
 from vmscope.host_thread import name_host_thread
 from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
@@ -194,6 +195,7 @@ class VcpuRunner:
         self.thread_ident = threading.get_ident()
         try:
             name_host_thread()
+            sandbox.enter("vcpu")  # after the thread's own set-up; a no-op unless configured
             self._exit_loop()
         except Exception as error:  # a VMM bug must still stop the VM with a report, not hang it
             log.exception("vCPU %d: internal error in the exit loop", self.vcpu.id)

@@ -11,6 +11,8 @@ declares the interrupts level-triggered, so the irqfds use KVM's resample mode.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,23 @@ class DiskSpec:
     serial: str | None = None
 
 
+def _check_disk_image(path: str) -> None:
+    """Say what is wrong with a --disk path before a device is built on it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--disk {path}: no such file (create a raw image, e.g. truncate -s 64M {path})"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"--disk {path}: cannot check the image: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"--disk {path}: is a directory; give a raw image file (e.g. {path}/disk.img)")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        kind = "a character device" if stat.S_ISCHR(mode) else "not a regular file"
+        raise ConfigError(f"--disk {path}: is {kind}; give a raw image file or a block device")
+
+
 def parse_disk_spec(text: str) -> DiskSpec:
     """``PATH[,readonly][,transport=mmio|pci][,serial=ID]``."""
     path, *options = text.split(",")
@@ -57,8 +76,7 @@ def parse_disk_spec(text: str) -> DiskSpec:
         else:
             expected = "readonly, transport=mmio|pci, serial=ID"
             raise ConfigError(f"--disk {text!r}: unknown option {option!r} (expected {expected})")
-    if not Path(path).is_file():
-        raise ConfigError(f"--disk {path}: no such file (create a raw image, e.g. truncate -s 64M {path})")
+    _check_disk_image(path)
     return DiskSpec(Path(path), readonly, transport, serial)
 
 
@@ -104,7 +122,9 @@ def install_virtio_devices(
         net = VirtioNet(machine.memory, backend, mac=mac_option or None, name=f"virtio-net{index}")
         attached.append(_attach(machine, net, default_transport, iothreads))
     if console is not None:
-        device = VirtioConsole(machine.memory, open_serial_backend(console), name="virtio-console0")
+        device = VirtioConsole(
+            machine.memory, open_serial_backend(console, "console"), name="virtio-console0"
+        )
         attached.append(_attach(machine, device, default_transport, iothreads))
     if rng:
         attached.append(

@@ -528,6 +528,13 @@ static const char *copy_cmdline(const struct hvm_start_info *info)
 
 /* ---- exit, exceptions, start ---- */
 
+void acpi_power_off(void)
+{
+    outw(ACPI_PM1A_CNT_PORT, (uint16_t)((5u << 10) | (1u << 13)));  /* SLP_TYP=5 (S5), SLP_EN */
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
 void debug_exit(uint32_t value)
 {
     outl(DEBUG_EXIT_PORT, value);

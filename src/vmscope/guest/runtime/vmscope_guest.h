@@ -20,6 +20,7 @@
 #define SERIAL_PORT 0x3f8       /* COM1, 16550A */
 #define DEBUG_EXIT_PORT 0xf4    /* QEMU isa-debug-exit: VMM exits with status (value << 1) | 1 */
 #define SCRATCH_PORT 0x510      /* writes are counted by VMMs and ignored; used by tests and benches */
+#define ACPI_PM1A_CNT_PORT 0x604 /* the FADT's PM1a control block: SLP_TYP=5 | SLP_EN is soft-off (S5) */
 
 /* ---- exit values the runtime itself uses (process exit status = (value << 1) | 1) ---- */
 #define RUNTIME_EXIT_EXCEPTION 0x7e   /* unexpected CPU exception: status 253 */
@@ -105,6 +106,10 @@ static inline unsigned current_cpl(void)
 /* Stop the VM through isa-debug-exit; the VMM exits with status (value << 1) | 1. Never returns
  * (halts if the VMM has no debug-exit device). */
 __attribute__((noreturn)) void debug_exit(uint32_t value);
+
+/* Power the machine off through ACPI S5 (the VMM exits with status 0, as after Linux's poweroff).
+ * Call at CPL0. Halts if nothing answers the port. */
+__attribute__((noreturn)) void acpi_power_off(void);
 
 /* ---- serial console (COM1) ---- */
 void serial_putc(char c);                      /* '\n' is sent as "\r\n" */
