@@ -20,13 +20,14 @@ from vmscope.loader.base import LoadedGuest, LoadedSegment
 from vmscope.loader.bzimage import is_bzimage, load_bzimage
 from vmscope.loader.elf import has_elf_magic, load_elf, load_elf_image, read_elf_image
 from vmscope.loader.flat import load_flat
-from vmscope.loader.pvh import is_pvh_elf, load_pvh, load_pvh_image, pvh_entry_point
+from vmscope.loader.pvh import is_linux_elf, is_pvh_elf, load_pvh, load_pvh_image, pvh_entry_point
 from vmscope.memory.guest_memory import GuestMemory
 
 __all__ = [
     "GuestKind",
     "LoadedGuest",
     "LoadedSegment",
+    "is_linux_kernel",
     "is_pvh_elf",
     "load_elf",
     "load_flat",
@@ -36,6 +37,14 @@ __all__ = [
 
 GuestKind = Literal["auto", "elf", "flat"]
 GUEST_KINDS: tuple[GuestKind, ...] = ("auto", "elf", "flat")
+
+
+def is_linux_kernel(path: Path) -> bool:
+    """A Linux bzImage, or an ELF kernel that says it is Linux (PVH vmlinux)."""
+    path = Path(path)
+    if has_elf_magic(path):
+        return is_linux_elf(read_elf_image(path))
+    return is_bzimage(path)
 
 
 def load_guest(

@@ -90,6 +90,14 @@ def is_pvh_elf(path: Path) -> bool:
     return pvh_entry_point(read_elf_image(path)) is not None
 
 
+def is_linux_elf(image: ElfImage) -> bool:
+    """Whether an ELF kernel is Linux: its "Linux" notes, or the Xen GUEST_OS note saying so."""
+    return any(
+        note.name == b"Linux" or (note.name == b"Xen" and note.type == 6 and note.desc.startswith(b"linux"))
+        for note in image.notes
+    )
+
+
 # -- memory map ---------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.memory.paging import PagingMode, read_virtual, translate_access
+from vmscope.vmm.syscall_repair import SyscallRepair
 
 log = logging.getLogger("vmscope.fallback")
 
@@ -267,6 +268,8 @@ class FallbackEmulator:
         #: vCPU id -> why the last instruction could not be completed (for the crash report)
         self.unsupported: dict[int, Unsupported] = {}
         self.exceptions_injected = 0
+        #: SYSCALL/SYSRET transitions a kvm_pvm host gets wrong, completed here
+        self.syscalls = SyscallRepair()
 
     def instruction_bytes(self, vcpu: Vcpu, access: KvmCpuAccess) -> bytes:
         """From kvm_run when KVM supplied them, else read at cs:rip through the page tables."""
@@ -300,6 +303,13 @@ class FallbackEmulator:
             self.unsupported[vcpu.id] = Unsupported("(unreadable)", "the instruction bytes are not readable")
             return False
         rip = access.regs.rip
+        syscall_site = self.syscalls.repair_failed_syscall(vcpu, access)
+        if syscall_site is not None:
+            self._count(vcpu.id, "syscall (repaired)", syscall_site, time.perf_counter_ns() - started)
+            return True
+        if self.syscalls.complete_sysret(vcpu, access, code) is not None:
+            self._count(vcpu.id, "sysret", rip, time.perf_counter_ns() - started)
+            return True
         outcome = emulate(access, code, access.control)
         if isinstance(outcome, Unsupported):
             self.unsupported[vcpu.id] = outcome

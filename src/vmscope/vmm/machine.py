@@ -38,12 +38,13 @@ from vmscope.kvm import structs as s
 from vmscope.kvm.constants import ExitReason
 from vmscope.kvm.exits import RareExit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
-from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
+from vmscope.loader import GuestKind, LoadedGuest, is_linux_kernel, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.config import MachineConfig
+from vmscope.vmm.cpu_steering import features_to_hide, host_cpu_flags, with_clearcpuid
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
@@ -354,6 +355,8 @@ class Machine:
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
         if firmware.cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
             cmdline = " ".join([cmdline, *firmware.cmdline]).strip()
+        if kind != "flat" and self.kvm.backend == "kvm_pvm" and self.fallback is not None:
+            cmdline = self._steer_linux_away_from_unemulated_features(Path(path), cmdline)
         guest = load_guest(
             self.memory,
             Path(path),
@@ -370,6 +373,19 @@ class Machine:
         log.info("guest: %s", guest.kind)
         self.boot_from(guest)
         return guest
+
+    def _steer_linux_away_from_unemulated_features(self, path: Path, cmdline: str) -> str:
+        """On kvm_pvm hosts, clearcpuid= for a Linux kernel (see vmm.cpu_steering)."""
+        if not is_linux_kernel(path):
+            return cmdline
+        hidden = features_to_hide(host_cpu_flags())
+        if hidden:
+            log.info(
+                "kvm_pvm host: hiding from the Linux kernel the CPU features whose kernel-mode "
+                "instructions neither this host's KVM nor vmscope can complete: clearcpuid=%s",
+                ",".join(hidden),
+            )
+        return with_clearcpuid(cmdline, hidden)
 
     def boot_from(self, guest: LoadedGuest) -> None:
         """Set the boot vCPU to a loaded guest's entry state (for loaders used directly)."""
