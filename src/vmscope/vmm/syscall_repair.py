@@ -36,7 +36,6 @@ from vmscope.kvm import Vcpu
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 
-_KERNEL_HALF = 0x1FFFF  # linear address >> 47 of a canonical kernel-half address
 _EFER_SCE = 1
 _SYSRET_64 = b"\x48\x0f\x07"
 _SYSRET_32 = b"\x0f\x07"
@@ -94,7 +93,7 @@ class SyscallRepair:
         """Turn a failed syscall's #PF into the syscall it should have been; returns the user
         address of the syscall instruction when it did, None when this is no such fault."""
         control = access.control
-        if control.cpl != 0 or control.code_bits != 64 or control.cr2 >> 47 != _KERNEL_HALF:
+        if control.cpl != 0 or control.code_bits != 64:
             return None
         regs = access.regs
         if self._entry_rips and regs.rip not in self._entry_rips:
