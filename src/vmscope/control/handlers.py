@@ -180,6 +180,8 @@ class ControlProtocol:
             "guest_kind": guest.kind if guest is not None else None,
             "guest_image": str(guest.symbol_file) if guest is not None and guest.symbol_file else None,
             "profiling": self._recorder is not None,
+            #: instructions the host's KVM could not emulate that vmscope completed so far
+            "emulated_instructions": machine.emulated_instructions,
         }
         if state == "stopped":
             status["exit_status"] = result.exit_status

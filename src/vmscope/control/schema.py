@@ -132,7 +132,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "query-status",
         "state (created, running, paused, stopped), exit status and reason once stopped, uptime, "
-        "vCPUs, KVM backend, guest kind and image",
+        "vCPUs, KVM backend, guest kind and image, instructions vmscope completed for KVM",
     ),
     Command("pause", "hold every vCPU outside the guest"),
     Command("resume", "let paused vCPUs run again"),
