@@ -14,6 +14,7 @@ exit status: a debug-exit write gives (value << 1) | 1, a clean power-off or res
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -43,6 +44,7 @@ from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import PciPlatform
+from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
@@ -117,13 +119,17 @@ class Machine:
         strict_devices: bool = False,
         emulate_fallback: bool = True,
         memory: GuestMemory | None = None,
+        coalesce_writes: bool = True,
     ) -> None:
         """``strict_devices``: a device model that raises stops the VM (status 1) instead of
         being logged and answered with all-ones while the guest runs on.
         ``emulate_fallback``: complete in vmscope the instructions the host's KVM fails to
         emulate (vmm.fallback); off, such a failure ends the run with a crash report.
         ``memory``: guest RAM already mapped (of ``mem`` bytes; e.g. a snapshot's), instead of
-        fresh zeroed RAM."""
+        fresh zeroed RAM.
+        ``coalesce_writes``: let KVM queue writes no device claims and writes to side-effect-free
+        devices (port 0x80) in its coalesced ring instead of exiting (vmm.coalescing); they are
+        still delivered in order and counted, as "out coalesced" / "write coalesced"."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
         check_fits_host(size)
         if memory is not None and memory.size != size:
@@ -179,6 +185,8 @@ class Machine:
             runner = VcpuRunner(self, vcpu)
             self.runners.append(runner)
             self.hooks.attach_runner(runner)
+        #: KVM's coalesced ring and zones (None when off or the host has none)
+        self.coalescing: CoalescedWrites | None = self._start_coalescing() if coalesce_writes else None
 
         self.guest: LoadedGuest | None = None
         #: how this machine was built (set by vmm.assemble); what a snapshot records
@@ -200,6 +208,22 @@ class Machine:
         self._finished_at: float | None = None
         self._stats_fds: dict[str, BinaryStats] = {}
         self._closed = False
+
+    def _start_coalescing(self) -> CoalescedWrites | None:
+        pio = bool(self.kvm.check_extension(Cap.COALESCED_PIO))
+        mmio = bool(self.kvm.check_extension(Cap.COALESCED_MMIO))
+        ring = self.runners[0].vcpu.coalesced_ring() if pio or mmio else None
+        if ring is None:
+            return None
+        coalescing = CoalescedWrites(
+            self.vm, ring, self.pio_bus, self.mmio_bus, lambda key: bool(self.hooks.match(key)),
+            pio=pio, mmio=mmio,
+        )  # fmt: skip
+        coalescing.default_stats = self.runners[0].stats
+        for runner in self.runners:
+            runner.stats.before_read = functools.partial(coalescing.deliver, None)
+        self.hooks.change_listeners.append(coalescing.revalidate)
+        return coalescing
 
     # -- devices ----------------------------------------------------------------------------
 
@@ -563,6 +587,8 @@ class Machine:
         self.request_stop(reason, 1)
 
     def on_vcpu_exited(self, runner: VcpuRunner) -> None:
+        if self.coalescing is not None:  # what the guest queued before it stopped
+            self.coalescing.deliver(runner.stats)
         with self._stop_lock:
             self._exited_count += 1
             done = self._exited_count == len(self.runners)
@@ -597,6 +623,8 @@ class Machine:
         if self.running:
             self.stop()
         self._closed = True
+        if self.coalescing is not None:  # delivers the last queued writes, then unmaps the ring
+            self.coalescing.close()
         for mapping in self._device_mappings:
             try:
                 mapping.device.close()
