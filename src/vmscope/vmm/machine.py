@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vmscope import sandbox
 from vmscope.arch.x86 import cpuid as cpuid_policy
@@ -43,15 +43,17 @@ from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
-from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.crash import CrashReport, build_crash_report
-from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.rare_exits import RareExitHandlers
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
+
+if TYPE_CHECKING:  # imported where used: most runs need neither (start-up time, issue 15)
+    from vmscope.virtio.pci_attach import PciPlatform
+    from vmscope.vmm.fallback import FallbackEmulator
 
 log = logging.getLogger("vmscope.machine")
 
@@ -169,11 +171,13 @@ class Machine:
         self.rare_exit_handlers = RareExitHandlers()
         supported_cpuid = self.kvm.supported_cpuid()
         supported = _to_policy_entries(supported_cpuid)
-        #: completes what KVM cannot emulate (None with emulate_fallback=False)
+        #: completes what KVM cannot emulate; made at the first failure (it imports capstone,
+        #: which most runs never need: start-up time, issue 15); None until then or when off
         self.fallback: FallbackEmulator | None = None
+        self.emulate_fallback = emulate_fallback
+        self._supported_cpuid = supported_cpuid
+        self._fallback_lock = threading.Lock()
         if emulate_fallback:
-            supported_xcr0, layout = xstate_from_cpuid(supported_cpuid)
-            self.fallback = FallbackEmulator(self.memory, supported_xcr0=supported_xcr0, xstate_layout=layout)
             if self.vm.enable_exit_on_emulation_failure():
                 log.debug("KVM exits with the instruction bytes on every emulation failure")
             self.rare_exit_handlers.add(ExitReason.INTERNAL_ERROR, self._complete_emulation_failure)
@@ -498,10 +502,21 @@ class Machine:
     def _complete_emulation_failure(self, runner: VcpuRunner, rare_exit: RareExit) -> bool | None:
         """Rare-exit handler: True when vmscope finished the instruction KVM could not emulate;
         None (a crash report follows) for other internal errors or what the fallback cannot do."""
-        fallback = self.fallback
-        if rare_exit.code != 1 or fallback is None:
+        if rare_exit.code != 1 or not self.emulate_fallback:
             return None
+        fallback = self.fallback or self._make_fallback()
         return True if fallback.complete(runner.vcpu) else None
+
+    def _make_fallback(self) -> FallbackEmulator:
+        from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
+
+        with self._fallback_lock:  # two vCPUs may fail at once
+            if self.fallback is None:
+                supported_xcr0, layout = xstate_from_cpuid(self._supported_cpuid)
+                self.fallback = FallbackEmulator(
+                    self.memory, supported_xcr0=supported_xcr0, xstate_layout=layout
+                )
+            return self.fallback
 
     def fallback_counts(self) -> list[tuple[int, str, int, int, int]]:
         """(vcpu, mnemonic, guest rip, count, total ns) per instruction vmscope completed,
@@ -561,7 +576,7 @@ class Machine:
         fallback_note = None
         if emulation_data is not None:
             unsupported = self.fallback.unsupported.pop(vcpu.id, None) if self.fallback else None
-            if self.fallback is None:
+            if not self.emulate_fallback:
                 fallback_note = "vmscope's fallback emulator is off (--emulate-fallback off)"
             elif unsupported is not None:
                 fallback_note = (
@@ -646,7 +661,20 @@ class Machine:
 
 
 def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
-    """'function+0xoffset' lookups from an ELF symbol table, or None when it has none."""
+    """'function+0xoffset' lookups from an ELF symbol table, read at the first lookup (only a
+    crash report asks, and reading symbols costs pyelftools' import at every start-up)."""
+    loaded: list[Callable[[int], str | None] | None] = []
+
+    def symbolize(address: int) -> str | None:
+        if not loaded:
+            loaded.append(_read_elf_symbols(path))
+        lookup = loaded[0]
+        return lookup(address) if lookup is not None else None
+
+    return symbolize
+
+
+def _read_elf_symbols(path: Path) -> Callable[[int], str | None] | None:
     try:
         from vmscope.profiler.symbols import Symbolizer
     except ImportError:  # the profiler package is optional for running guests
