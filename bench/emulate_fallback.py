@@ -28,7 +28,7 @@ from vmscope.vmm.platform import install_platform_devices  # noqa: E402
 
 
 def run_once(guest: Path, cmdline: str) -> tuple[float, list[tuple[int, str, int, int, int]]]:
-    with Machine(mem="64M") as machine:
+    with Machine(mem="64M", coalesce_writes=False) as machine:  # every write a real exit
         install_platform_devices(machine, serial="none")
         machine.load(guest, cmdline=cmdline)
         started = time.perf_counter()

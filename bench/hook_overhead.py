@@ -44,7 +44,7 @@ CONFIGS: dict[str, Callable[[Machine], None]] = {
 
 
 def run_once(guest: Path, exits: int, configure: Callable[[Machine], None]) -> float:
-    with Machine(mem="64M") as vm:
+    with Machine(mem="64M", coalesce_writes=False) as vm:  # every write a real exit
         install_platform_devices(vm, serial="none")
         vm.load(guest, cmdline=f"n={exits}")
         configure(vm)

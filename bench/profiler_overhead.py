@@ -48,7 +48,7 @@ CONFIGS: dict[str, Callable[[Machine], ProfileRecorder | None]] = {
 def run_once(
     guest: Path, rounds: int, configure: Callable[[Machine], ProfileRecorder | None]
 ) -> tuple[float, int]:
-    with Machine(mem="64M") as vm:
+    with Machine(mem="64M", coalesce_writes=False) as vm:  # every write a real exit
         install_platform_devices(vm, serial="none")
         vm.load(guest, cmdline=f"rounds={rounds} unit=1000000")
         recorder = configure(vm)
@@ -72,7 +72,7 @@ def stock_kernel_case(seconds: float) -> int:
     if vmlinux is None:
         print(f"no Debian kernel: {lookup.reason}")
         return 1
-    with Machine(mem="512M") as vm:
+    with Machine(mem="512M", coalesce_writes=False) as vm:
         install_platform_devices(vm, serial="none")
         vm.load(vmlinux, cmdline="console=ttyS0 earlyprintk=serial panic=-1")
         recorder = ProfileRecorder(vm, kernel_image=vmlinux)

@@ -57,6 +57,8 @@ class Bus:
         self.write_handlers: dict[int, Callable[[bytes], None]] = {}
         # a handler bound while another thread changes the map must not be stored stale
         self._map_lock = threading.Lock()
+        #: called (outside the bus's lock) after a window was added or removed
+        self.map_listeners: list[Callable[[], None]] = []
 
     # -- registration ---------------------------------------------------------------------
 
@@ -68,6 +70,7 @@ class Bus:
             )
         with self._map_lock:
             self._insert(base, length, device)
+        self._notify_map_changed()
 
     def _insert(self, base: int, length: int, device: Device) -> None:
         index = bisect.bisect_right(self._bases, base)
@@ -87,6 +90,11 @@ class Bus:
             self._mappings = keep
             self._bases = [m.base for m in keep]
             self._forget_bindings()
+        self._notify_map_changed()
+
+    def _notify_map_changed(self) -> None:
+        for listener in list(self.map_listeners):
+            listener()
 
     def _forget_bindings(self) -> None:
         self._cache.clear()

@@ -125,7 +125,8 @@ def test_exit_accounting_counts_each_port_exactly(tmp_path: Path) -> None:
     from vmscope.vmm.exit_keys import decode_exit_key
 
     decoded = {decode_exit_key(key): n for key, n in counts.items()}
-    assert decoded[("IO", 0x510, "out")] == 500
+    # writes KVM queued in its coalesced ring are counted under their own access
+    assert decoded[("IO", 0x510, "out")] + decoded.get(("IO", 0x510, "out coalesced"), 0) == 500
     assert decoded[("IO", 0xF4, "out")] == 1
     assert machine.pio_bus.unclaimed_writes[0x510, 1] == 500
 

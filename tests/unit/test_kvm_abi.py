@@ -26,6 +26,9 @@ STRUCTS = {
     "kvm_irqfd": s.kvm_irqfd,
     "kvm_ioeventfd": s.kvm_ioeventfd,
     "kvm_msi": s.kvm_msi,
+    "kvm_coalesced_mmio_zone": s.kvm_coalesced_mmio_zone,
+    "kvm_coalesced_mmio": s.kvm_coalesced_mmio,
+    "kvm_coalesced_mmio_ring": s.kvm_coalesced_mmio_ring,
     "kvm_enable_cap": s.kvm_enable_cap,
     "kvm_guest_debug": s.kvm_guest_debug,
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry,
@@ -74,6 +77,8 @@ OFFSETS = {
     ("kvm_pit_channel_state", "count_load_time"): s.kvm_pit_channel_state.count_load_time.offset,
     ("kvm_pit_state2", "flags"): s.kvm_pit_state2.flags.offset,
     ("kvm_irqchip", "chip"): s.kvm_irqchip.chip.offset,
+    ("kvm_coalesced_mmio", "data"): s.kvm_coalesced_mmio.data.offset,
+    ("kvm_coalesced_mmio_ring", "coalesced_mmio"): ctypes.sizeof(s.kvm_coalesced_mmio_ring),
 }
 CONSTANTS = {
     "KVM_INTERNAL_ERROR_EMULATION": c.INTERNAL_ERROR_EMULATION,

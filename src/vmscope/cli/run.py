@@ -110,6 +110,11 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         help="complete in vmscope the instructions the host's KVM cannot emulate (default on); "
         "off shows KVM's own behaviour (a crash report)",
     )  # fmt: skip
+    machine.add_argument(
+        "--coalesce", choices=("on", "off"), default="on",
+        help="let KVM queue writes no device claims and port 0x80 POST codes instead of exiting; "
+        "still counted, as 'out coalesced' (default on); off makes every write a real exit",
+    )  # fmt: skip
     machine.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="stop the guest after this long")
     machine.add_argument(
         "--control", metavar="PATH", help="serve a control socket (mode 0600) at PATH for vmscope ctl / top"
@@ -190,7 +195,7 @@ def build_machine(args: argparse.Namespace) -> Machine:
         serial=args.serial or "stdio", debug_exit_port=args.debug_exit_port,
         disks=tuple(args.disk), nets=tuple(args.net), console=args.console, rng=args.rng,
         iothreads=args.iothreads == "on", default_transport="pci" if linux_kernel else "mmio",
-        emulate_fallback=args.emulate_fallback == "on",
+        emulate_fallback=args.emulate_fallback == "on", coalesce_writes=args.coalesce == "on",
         cmdline=args.cmdline, symbols=tuple(str(path) for path in args.symbols),
     )  # fmt: skip
     machine = assemble_machine(config)

@@ -72,6 +72,10 @@ class Device(ABC):
 
     #: short name shown in statistics and logs (e.g. "serial0", "debug-exit")
     name: str = "device"
+    #: its writes only record what was written: no interrupt, no reply, nothing the guest
+    #: could see before its next read of the device. The VMM may then let KVM queue them in
+    #: its coalesced ring and deliver them in order, later, in batches (vmm.coalescing)
+    writes_are_side_effect_free: bool = False
 
     @abstractmethod
     def read(self, offset: int, size: int) -> bytes:

@@ -11,6 +11,10 @@ latch it (and as a POST card displays it); before any write they return all-ones
 an undriven bus. That value is more useful to a guest reading back its own marker than
 the all-ones an unclaimed port would give. :meth:`reset` forgets the latched value but
 keeps the record, which describes the whole run.
+
+Its writes are side-effect free, so the machine lets KVM queue them in the coalesced ring
+(vmm.coalescing): they arrive here in order, in batches, at the guest's next exit, and the
+time recorded is when vmscope delivered them, not when the guest wrote them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ DEFAULT_CAPACITY = 100_000
 
 class Port80(Device):
     """Records writes to the POST code port; reads return the last value written."""
+
+    # a read exits, and the VMM delivers queued writes before it handles any exit
+    writes_are_side_effect_free = True
 
     def __init__(
         self,

@@ -63,6 +63,10 @@ KVM_GET_PIT2 = _ior(0x9F, s.kvm_pit_state2)
 KVM_SET_PIT2 = _iow(0xA0, s.kvm_pit_state2)
 KVM_IOEVENTFD = _iow(0x79, s.kvm_ioeventfd)
 KVM_SIGNAL_MSI = _iow(0xA5, s.kvm_msi)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, s.kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, s.kvm_coalesced_mmio_zone)
+#: the page of the vCPU mmap (asm/kvm.h, x86) where the VM's coalesced ring is mapped (x86)
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2  # page 1 is the PIO data page
 KVM_ENABLE_CAP = _iow(0xA3, s.kvm_enable_cap)
 KVM_GET_STATS_FD = _io(0xCE)
 

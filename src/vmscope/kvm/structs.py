@@ -341,6 +341,24 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    """A guest range whose writes KVM queues in the coalesced ring instead of exiting."""
+
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]  # pio: the union with pad
+
+
+class kvm_coalesced_mmio(ctypes.Structure):
+    """One queued write in the coalesced ring (kvm/coalesced.py reads it with a Struct)."""
+
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(ctypes.Structure):
+    """The ring's header; its entries follow it to the end of the page."""
+
+    _fields_ = [("first", u32), ("last", u32)]
+
+
 class kvm_msi(ctypes.Structure):
     _fields_ = [
         ("address_lo", u32),

@@ -19,6 +19,7 @@ from vmscope.arch.x86.cpu_state import CpuEntryState, DescriptorTable, Segment
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.kvm._ioctl import ioctl
+from vmscope.kvm.coalesced import CoalescedRing, ring_offset
 from vmscope.kvm.exits import emulation_failure_bytes
 
 if TYPE_CHECKING:
@@ -92,6 +93,13 @@ class Vcpu:
     def mark_synced_regs_dirty(self, mask: int = c.SYNC_X86_REGS) -> None:
         """Have the next KVM_RUN load the register sets edited in synced_regs/synced_sregs."""
         self.run_struct.kvm_dirty_regs |= mask
+
+    def coalesced_ring(self) -> CoalescedRing | None:
+        """The VM's coalesced-write ring through this vCPU's mmap; None when the mmap does not
+        reach it (a host without KVM_CAP_COALESCED_MMIO)."""
+        if len(self.run_buffer) < ring_offset() + mmap.PAGESIZE:
+            return None
+        return CoalescedRing(self.run_buffer)
 
     # -- registers (ioctls: setup and paused-VM paths) ------------------------------------
 

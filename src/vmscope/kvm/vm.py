@@ -96,6 +96,16 @@ class Vm:
         )
         ioctl(self.fd, c.KVM_IOEVENTFD, request, f"KVM_IOEVENTFD({address:#x})")
 
+    def register_coalesced_zone(self, address: int, size: int, *, pio: bool) -> None:
+        """Queue guest writes to [address, address+size) in the coalesced ring (kvm.coalesced)
+        instead of exiting; reads there still exit."""
+        zone = s.kvm_coalesced_mmio_zone(addr=address, size=size, pio=int(pio))
+        ioctl(self.fd, c.KVM_REGISTER_COALESCED_MMIO, zone, f"KVM_REGISTER_COALESCED_MMIO({address:#x})")
+
+    def unregister_coalesced_zone(self, address: int, size: int, *, pio: bool) -> None:
+        zone = s.kvm_coalesced_mmio_zone(addr=address, size=size, pio=int(pio))
+        ioctl(self.fd, c.KVM_UNREGISTER_COALESCED_MMIO, zone, f"KVM_UNREGISTER_COALESCED_MMIO({address:#x})")
+
     def enable_cap(self, cap: c.Cap, *args: int) -> None:
         request = s.kvm_enable_cap(cap=int(cap))
         for index, value in enumerate(args):

@@ -16,9 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.elffile import ELFFile
-
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.layout import (
     CMDLINE_ADDRESS,
@@ -47,6 +44,7 @@ BOOT_STRUCTURES_END = CMDLINE_ADDRESS + CMDLINE_MAX_SIZE
 ENTRY_LIMIT = 1 << 32
 
 _MACHINE_FOR_CLASS = {32: "EM_386", 64: "EM_X86_64"}
+_MACHINE_NUMBER_FOR_CLASS = {32: 3, 64: 62}
 _PHDR_SIZE_FOR_CLASS = {32: 32, 64: 56}
 _NOTE_HEADER = struct.Struct("<III")
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -127,8 +125,31 @@ def read_elf_image(path: Path) -> ElfImage:
         stream.seek(0)
         try:
             return _parse(path, stream, file_size)
-        except (ELFError, ELFParseError, struct.error, ValueError) as exc:
+        except (struct.error, ValueError) as exc:
             raise ImageFormatError(str(path), f"malformed ELF: {exc}") from None
+
+
+# The headers are read with struct, not pyelftools: loading needs only these fields, and
+# importing pyelftools costs more than the whole rest of a short run's start-up (issue 15).
+_ELF_HEADER = {
+    64: struct.Struct("<16xHHIQQQIHHHHHH"),  # e_type .. e_shstrndx after e_ident
+    32: struct.Struct("<16xHHIIIIIHHHHHH"),
+}
+#: (p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align) in each class's order
+_PHDR = {64: struct.Struct("<IIQQQQQQ"), 32: struct.Struct("<IIIIIIII")}
+_ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+_PT_LOAD, _PT_NOTE = 1, 4
+
+
+def _program_header(elf_class: int, raw: bytes) -> dict[str, int]:
+    if elf_class == 64:
+        p_type, flags, offset, vaddr, paddr, filesz, memsz, align = _PHDR[64].unpack(raw)
+    else:
+        p_type, offset, vaddr, paddr, filesz, memsz, flags, align = _PHDR[32].unpack(raw)
+    return {
+        "p_type": p_type, "p_flags": flags, "p_offset": offset, "p_vaddr": vaddr,
+        "p_paddr": paddr, "p_filesz": filesz, "p_memsz": memsz, "p_align": align,
+    }  # fmt: skip
 
 
 def _parse(path: Path, stream: io.BufferedReader, file_size: int) -> ElfImage:
@@ -148,19 +169,17 @@ def _parse(path: Path, stream: io.BufferedReader, file_size: int) -> ElfImage:
             f"truncated: {file_size} bytes is shorter than the {header_size}-byte ELF{elf_class} header"
         )
     stream.seek(0)
-    elf = ELFFile(stream)
-    header = elf.header
-    machine = header["e_machine"]
-    if machine != _MACHINE_FOR_CLASS[elf_class]:
+    (
+        e_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_rest
+    ) = _ELF_HEADER[elf_class].unpack(stream.read(header_size))
+    if machine != _MACHINE_NUMBER_FOR_CLASS[elf_class]:
         raise fail(
             f"wrong machine {machine} for an ELF{elf_class} image: vmscope runs x86 guests "
             f"({_MACHINE_FOR_CLASS[elf_class]})"
         )
-    if header["e_type"] != "ET_EXEC":
-        raise fail(f"ELF type {header['e_type']} is not loadable: expected an executable (ET_EXEC)")
-    phnum = header["e_phnum"]
-    phoff = header["e_phoff"]
-    phentsize = header["e_phentsize"]
+    if e_type != 2:
+        type_name = _ET_NAMES.get(e_type, f"{e_type:#x}")
+        raise fail(f"ELF type {type_name} is not loadable: expected an executable (ET_EXEC)")
     if phnum == 0:
         raise fail("no program headers: nothing to load (is this an object file?)")
     if phentsize != _PHDR_SIZE_FOR_CLASS[elf_class]:
@@ -177,10 +196,12 @@ def _parse(path: Path, stream: io.BufferedReader, file_size: int) -> ElfImage:
 
     segments: list[ElfSegment] = []
     notes: list[ElfNote] = []
+    stream.seek(phoff)
+    table = stream.read(phnum * phentsize)
     for index in range(phnum):
-        program_header = elf.get_segment(index).header
+        program_header = _program_header(elf_class, table[index * phentsize : (index + 1) * phentsize])
         p_type = program_header["p_type"]
-        if p_type not in ("PT_LOAD", "PT_NOTE"):
+        if p_type not in (_PT_LOAD, _PT_NOTE):
             continue
         offset, filesz = program_header["p_offset"], program_header["p_filesz"]
         memsz = program_header["p_memsz"]
@@ -189,7 +210,7 @@ def _parse(path: Path, stream: io.BufferedReader, file_size: int) -> ElfImage:
                 f"truncated: segment {index} data at offset {offset:#x} + {filesz:#x} bytes ends at "
                 f"{offset + filesz:#x}, past the end of the file ({file_size:#x} bytes)"
             )
-        if p_type == "PT_NOTE":
+        if p_type == _PT_NOTE:
             stream.seek(offset)
             notes.extend(_parse_notes(fail, index, stream.read(filesz), program_header["p_align"]))
             continue
@@ -209,7 +230,7 @@ def _parse(path: Path, stream: io.BufferedReader, file_size: int) -> ElfImage:
             )
     if not segments:
         raise fail("no PT_LOAD program header with a non-zero size: nothing to load")
-    return ElfImage(path, elf_class, header["e_entry"], tuple(segments), tuple(notes))
+    return ElfImage(path, elf_class, entry, tuple(segments), tuple(notes))
 
 
 def _parse_notes(

@@ -19,6 +19,7 @@ def assemble_machine(config: MachineConfig, *, memory: GuestMemory | None = None
     machine = Machine(
         mem=config.mem, cpus=config.cpus, cpu_features=config.cpu_features,
         emulate_fallback=config.emulate_fallback, memory=memory,
+        coalesce_writes=config.coalesce_writes,
     )  # fmt: skip
     try:
         machine.config = config

@@ -33,6 +33,8 @@ class MachineConfig:
     default_transport: str = "mmio"
     #: complete in vmscope the instructions the host's KVM cannot emulate (vmm.fallback)
     emulate_fallback: bool = True
+    #: let KVM queue unclaimed and side-effect-free writes in its coalesced ring (vmm.coalescing)
+    coalesce_writes: bool = True
     #: the booted image (symbols for reports and profiles; not loaded again on restore)
     guest_image: str | None = None
     guest_kind: str = ""

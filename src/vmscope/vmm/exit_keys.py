@@ -13,7 +13,11 @@ from typing import NamedTuple
 from vmscope.kvm import constants as c
 
 ACCESS_NONE, ACCESS_IN, ACCESS_OUT, ACCESS_READ, ACCESS_WRITE = 0, 1, 2, 3, 4
-ACCESS_NAMES = ("", "in", "out", "read", "write")
+# Writes KVM queued in its coalesced ring (vmm.coalescing) instead of exiting: the same reason
+# and port/address as the exit they replace, a distinct access, so a report shows how many
+# writes never left the guest and exit counts stay the number of real KVM_RUN returns.
+ACCESS_OUT_COALESCED, ACCESS_WRITE_COALESCED = 5, 6
+ACCESS_NAMES = ("", "in", "out", "read", "write", "out coalesced", "write coalesced")
 
 REASON_SHIFT = 56
 ACCESS_SHIFT = 52
@@ -23,6 +27,8 @@ IO_OUT_KEY = (c.ExitReason.IO << REASON_SHIFT) | (ACCESS_OUT << ACCESS_SHIFT)
 IO_IN_KEY = (c.ExitReason.IO << REASON_SHIFT) | (ACCESS_IN << ACCESS_SHIFT)
 MMIO_WRITE_KEY = (c.ExitReason.MMIO << REASON_SHIFT) | (ACCESS_WRITE << ACCESS_SHIFT)
 MMIO_READ_KEY = (c.ExitReason.MMIO << REASON_SHIFT) | (ACCESS_READ << ACCESS_SHIFT)
+IO_OUT_COALESCED_KEY = (c.ExitReason.IO << REASON_SHIFT) | (ACCESS_OUT_COALESCED << ACCESS_SHIFT)
+MMIO_WRITE_COALESCED_KEY = (c.ExitReason.MMIO << REASON_SHIFT) | (ACCESS_WRITE_COALESCED << ACCESS_SHIFT)
 
 _ADDRESSED_REASONS = (c.ExitReason.IO, c.ExitReason.MMIO)
 
@@ -47,6 +53,11 @@ def rare_exit_key(reason: int) -> int:
 
 def key_reason(key: int) -> int:
     return key >> REASON_SHIFT
+
+
+def is_coalesced_key(key: int) -> bool:
+    """Whether the key files writes KVM queued in its coalesced ring rather than exits."""
+    return (key >> ACCESS_SHIFT) & 0xF in (ACCESS_OUT_COALESCED, ACCESS_WRITE_COALESCED)
 
 
 def key_address(key: int) -> int | None:

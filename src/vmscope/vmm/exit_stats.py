@@ -12,15 +12,23 @@ each duration would have built (guest time = exit_ns - previous resume_ns, handl
 handled_ns - exit_ns), with C-level bulk passes. It runs when the loop's log reaches
 :data:`FOLD_EVERY` records and whenever someone reads :attr:`handling` or :attr:`guest`, so
 readers (stat -i, the control socket, the profiler, top) always see every exit so far.
+
+Writes KVM queued in its coalesced ring (vmm.coalescing) are no exits: they are appended to
+:attr:`VcpuExitStats.coalesced` as ``(key, handling_ns)`` when delivered, with keys of their
+own access (exit_keys.ACCESS_OUT_COALESCED / ACCESS_WRITE_COALESCED), and fold into
+``handling`` like exits but never into guest time. A reader first asks
+:attr:`VcpuExitStats.before_read` to deliver what the ring still holds.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from operator import sub
 
 from vmscope.histogram import LatencyHistogram
+from vmscope.vmm.exit_keys import is_coalesced_key
 
 #: record key: guest time up to exit_ns, no handling time (kicks, exits that end the loop)
 GUEST_ONLY = -1
@@ -48,6 +56,11 @@ class VcpuExitStats:
         self._fold_lock = threading.Lock()
         #: KVM_RUN returns caused by a signal kick (pause, stop, sampling)
         self.kicks = 0
+        #: (coalesced key, handling_ns) per delivered coalesced write; fold() takes them
+        self.coalesced: list[tuple[int, int]] = []
+        #: called before the histograms are read: delivers writes still in the coalesced ring
+        #: (set by the machine when it coalesces; must not read these stats itself)
+        self.before_read: Callable[[], None] | None = None
 
     def begin(self, now_ns: int) -> None:
         """The loop is about to enter the guest for the first time at ``now_ns``."""
@@ -55,7 +68,10 @@ class VcpuExitStats:
 
     @property
     def handling(self) -> dict[int, LatencyHistogram]:
-        """exit key -> time spent handling that kind of exit in the VMM (folded now)."""
+        """exit key -> time spent handling that kind of exit in the VMM (folded now), coalesced
+        writes included under their own keys."""
+        if self.before_read is not None:
+            self.before_read()
         self.fold()
         return self._handling
 
@@ -71,7 +87,14 @@ class VcpuExitStats:
         return self.guest.count - self.kicks
 
     def total_exits(self) -> int:
+        """Real exits plus delivered coalesced writes (every access the guest made here)."""
         return sum(histogram.count for histogram in self.handling.values())
+
+    def coalesced_writes(self) -> int:
+        """Delivered writes that KVM queued instead of exiting."""
+        return sum(
+            histogram.count for key, histogram in self.handling.items() if is_coalesced_key(key)
+        )
 
     def count(self, key: int) -> int:
         histogram = self.handling.get(key)
@@ -81,6 +104,8 @@ class VcpuExitStats:
 
     def fold(self) -> None:
         """Move every pending record into the histograms (any thread)."""
+        if self.coalesced:
+            self._fold_coalesced()
         log = self.log
         if not log:
             return
@@ -92,6 +117,18 @@ class VcpuExitStats:
             del log[:count]
             if records:
                 self._fold_records(records)
+
+    def _fold_coalesced(self) -> None:
+        pending = self.coalesced
+        with self._fold_lock:
+            count = len(pending)  # appended to at the end only, as the log is
+            taken = pending[:count]
+            del pending[:count]
+            by_key: dict[int, list[int]] = {}
+            for key, handling_ns in taken:
+                by_key.setdefault(key, []).append(handling_ns)
+            for key, values in by_key.items():
+                self._histogram(key).record_many(values)
 
     def _fold_records(self, records: list[ExitRecord]) -> None:
         keys, exits, handled, resumes = zip(*records, strict=True)

@@ -99,6 +99,9 @@ class ExitHooks:
         self._hooks: list[ExitHook] = []
         self._lock = threading.Lock()
         self._runners: list[VcpuRunner] = []
+        #: called after a hook was added or removed (the machine drops coalesced zones a new
+        #: hook wants: hooks see every exit they ask for)
+        self.change_listeners: list[Callable[[], None]] = []
 
     def attach_runner(self, runner: VcpuRunner) -> None:
         self._runners.append(runner)
@@ -128,6 +131,7 @@ class ExitHooks:
         with self._lock:
             self._hooks.append(hook)
             self._refresh()
+        self._notify()
         return hook
 
     def remove(self, hook: ExitHook) -> None:
@@ -135,6 +139,11 @@ class ExitHooks:
             if hook in self._hooks:
                 self._hooks.remove(hook)
             self._refresh()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self.change_listeners):
+            listener()
 
     @property
     def hooks(self) -> tuple[ExitHook, ...]:

@@ -14,6 +14,7 @@ exit status: a debug-exit write gives (value << 1) | 1, a clean power-off or res
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vmscope import sandbox
 from vmscope.arch.x86 import cpuid as cpuid_policy
@@ -42,15 +43,18 @@ from vmscope.loader import GuestKind, LoadedGuest, is_linux_kernel, is_pvh_elf, 
 from vmscope.loader.bzimage import is_bzimage
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
 from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
-from vmscope.virtio.pci_attach import PciPlatform
+from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.cpu_steering import features_to_hide, host_cpu_flags, with_clearcpuid
 from vmscope.vmm.crash import CrashReport, build_crash_report
-from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.rare_exits import RareExitHandlers
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
+
+if TYPE_CHECKING:  # imported where used: most runs need neither (start-up time, issue 15)
+    from vmscope.virtio.pci_attach import PciPlatform
+    from vmscope.vmm.fallback import FallbackEmulator
 
 log = logging.getLogger("vmscope.machine")
 
@@ -118,13 +122,17 @@ class Machine:
         strict_devices: bool = False,
         emulate_fallback: bool = True,
         memory: GuestMemory | None = None,
+        coalesce_writes: bool = True,
     ) -> None:
         """``strict_devices``: a device model that raises stops the VM (status 1) instead of
         being logged and answered with all-ones while the guest runs on.
         ``emulate_fallback``: complete in vmscope the instructions the host's KVM fails to
         emulate (vmm.fallback); off, such a failure ends the run with a crash report.
         ``memory``: guest RAM already mapped (of ``mem`` bytes; e.g. a snapshot's), instead of
-        fresh zeroed RAM."""
+        fresh zeroed RAM.
+        ``coalesce_writes``: let KVM queue writes no device claims and writes to side-effect-free
+        devices (port 0x80) in its coalesced ring instead of exiting (vmm.coalescing); they are
+        still delivered in order and counted, as "out coalesced" / "write coalesced"."""
         size = parse_size(mem) if isinstance(mem, str) else int(mem)
         check_fits_host(size)
         if memory is not None and memory.size != size:
@@ -164,11 +172,13 @@ class Machine:
         self.rare_exit_handlers = RareExitHandlers()
         supported_cpuid = self.kvm.supported_cpuid()
         supported = _to_policy_entries(supported_cpuid)
-        #: completes what KVM cannot emulate (None with emulate_fallback=False)
+        #: completes what KVM cannot emulate; made at the first failure (it imports capstone,
+        #: which most runs never need: start-up time, issue 15); None until then or when off
         self.fallback: FallbackEmulator | None = None
+        self.emulate_fallback = emulate_fallback
+        self._supported_cpuid = supported_cpuid
+        self._fallback_lock = threading.Lock()
         if emulate_fallback:
-            supported_xcr0, layout = xstate_from_cpuid(supported_cpuid)
-            self.fallback = FallbackEmulator(self.memory, supported_xcr0=supported_xcr0, xstate_layout=layout)
             if self.vm.enable_exit_on_emulation_failure():
                 log.debug("KVM exits with the instruction bytes on every emulation failure")
             self.rare_exit_handlers.add(ExitReason.INTERNAL_ERROR, self._complete_emulation_failure)
@@ -180,6 +190,8 @@ class Machine:
             runner = VcpuRunner(self, vcpu)
             self.runners.append(runner)
             self.hooks.attach_runner(runner)
+        #: KVM's coalesced ring and zones (None when off or the host has none)
+        self.coalescing: CoalescedWrites | None = self._start_coalescing() if coalesce_writes else None
 
         self.guest: LoadedGuest | None = None
         #: how this machine was built (set by vmm.assemble); what a snapshot records
@@ -201,6 +213,22 @@ class Machine:
         self._finished_at: float | None = None
         self._stats_fds: dict[str, BinaryStats] = {}
         self._closed = False
+
+    def _start_coalescing(self) -> CoalescedWrites | None:
+        pio = bool(self.kvm.check_extension(Cap.COALESCED_PIO))
+        mmio = bool(self.kvm.check_extension(Cap.COALESCED_MMIO))
+        ring = self.runners[0].vcpu.coalesced_ring() if pio or mmio else None
+        if ring is None:
+            return None
+        coalescing = CoalescedWrites(
+            self.vm, ring, self.pio_bus, self.mmio_bus, lambda key: bool(self.hooks.match(key)),
+            pio=pio, mmio=mmio,
+        )  # fmt: skip
+        coalescing.default_stats = self.runners[0].stats
+        for runner in self.runners:
+            runner.stats.before_read = functools.partial(coalescing.deliver, None)
+        self.hooks.change_listeners.append(coalescing.revalidate)
+        return coalescing
 
     # -- devices ----------------------------------------------------------------------------
 
@@ -490,10 +518,21 @@ class Machine:
     def _complete_emulation_failure(self, runner: VcpuRunner, rare_exit: RareExit) -> bool | None:
         """Rare-exit handler: True when vmscope finished the instruction KVM could not emulate;
         None (a crash report follows) for other internal errors or what the fallback cannot do."""
-        fallback = self.fallback
-        if rare_exit.code != 1 or fallback is None:
+        if rare_exit.code != 1 or not self.emulate_fallback:
             return None
+        fallback = self.fallback or self._make_fallback()
         return True if fallback.complete(runner.vcpu) else None
+
+    def _make_fallback(self) -> FallbackEmulator:
+        from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
+
+        with self._fallback_lock:  # two vCPUs may fail at once
+            if self.fallback is None:
+                supported_xcr0, layout = xstate_from_cpuid(self._supported_cpuid)
+                self.fallback = FallbackEmulator(
+                    self.memory, supported_xcr0=supported_xcr0, xstate_layout=layout
+                )
+            return self.fallback
 
     def fallback_counts(self) -> list[tuple[int, str, int, int, int]]:
         """(vcpu, mnemonic, guest rip, count, total ns) per instruction vmscope completed,
@@ -553,7 +592,7 @@ class Machine:
         fallback_note = None
         if emulation_data is not None:
             unsupported = self.fallback.unsupported.pop(vcpu.id, None) if self.fallback else None
-            if self.fallback is None:
+            if not self.emulate_fallback:
                 fallback_note = "vmscope's fallback emulator is off (--emulate-fallback off)"
             elif unsupported is not None:
                 fallback_note = (
@@ -579,6 +618,8 @@ class Machine:
         self.request_stop(reason, 1)
 
     def on_vcpu_exited(self, runner: VcpuRunner) -> None:
+        if self.coalescing is not None:  # what the guest queued before it stopped
+            self.coalescing.deliver(runner.stats)
         with self._stop_lock:
             self._exited_count += 1
             done = self._exited_count == len(self.runners)
@@ -613,6 +654,8 @@ class Machine:
         if self.running:
             self.stop()
         self._closed = True
+        if self.coalescing is not None:  # delivers the last queued writes, then unmaps the ring
+            self.coalescing.close()
         for mapping in self._device_mappings:
             try:
                 mapping.device.close()
@@ -634,7 +677,20 @@ class Machine:
 
 
 def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
-    """'function+0xoffset' lookups from an ELF symbol table, or None when it has none."""
+    """'function+0xoffset' lookups from an ELF symbol table, read at the first lookup (only a
+    crash report asks, and reading symbols costs pyelftools' import at every start-up)."""
+    loaded: list[Callable[[int], str | None] | None] = []
+
+    def symbolize(address: int) -> str | None:
+        if not loaded:
+            loaded.append(_read_elf_symbols(path))
+        lookup = loaded[0]
+        return lookup(address) if lookup is not None else None
+
+    return symbolize
+
+
+def _read_elf_symbols(path: Path) -> Callable[[int], str | None] | None:
     try:
         from vmscope.profiler.symbols import Symbolizer
     except ImportError:  # the profiler package is optional for running guests
