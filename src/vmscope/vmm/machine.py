@@ -383,7 +383,7 @@ class Machine:
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
         if firmware.cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
             cmdline = " ".join([cmdline, *firmware.cmdline]).strip()
-        if kind != "flat" and self.kvm.backend == "kvm_pvm" and self.fallback is not None:
+        if kind != "flat" and self.kvm.backend == "kvm_pvm" and self.emulate_fallback:
             cmdline = self._steer_linux_away_from_unemulated_features(Path(path), cmdline)
         guest = load_guest(
             self.memory,
