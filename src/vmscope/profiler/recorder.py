@@ -529,10 +529,10 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
             stat = profile.exit_stat(runner.vcpu.id, reason, exit_detail(reason, address, access), device)
             stat.histogram.merge(histogram)
         profile.guest_time_histogram(runner.vcpu.id).merge(runner.stats.guest)
-    for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
-        for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
-            for (address, size), count in list(counter.items()):
-                profile.record_unclaimed(space, address, size, is_write, count=count)
+    for unclaimed in machine.unclaimed_counts():
+        profile.record_unclaimed(
+            unclaimed.space, unclaimed.address, unclaimed.size, unclaimed.is_write, unclaimed.count
+        )
     profile.emulated = [EmulatedInstruction(*row) for row in machine.fallback_counts()]
     try:
         for name, values in machine.kvm_stats().items():

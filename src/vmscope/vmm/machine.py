@@ -71,6 +71,17 @@ class RunResult:
     emulated_instructions: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class UnclaimedCount:
+    """Guest accesses of one width to a port or MMIO address that no device claimed."""
+
+    space: str  # "pio" | "mmio"
+    address: int
+    size: int
+    is_write: bool
+    count: int
+
+
 @dataclass
 class _StopState:
     reason: str
@@ -445,13 +456,23 @@ class Machine:
         self._log_unclaimed()  # legacy ports a guest probes in a loop show up here (-vv)
         return self.result()
 
+    def unclaimed_counts(self) -> list[UnclaimedCount]:
+        """Every access no device claimed so far, per space, address, width and direction (the
+        one walk of the buses' counters, for logs, profiles and the control socket)."""
+        return [
+            UnclaimedCount(space, address, size, is_write, count)
+            for space, bus in (("pio", self.pio_bus), ("mmio", self.mmio_bus))
+            for is_write, counter in ((False, bus.unclaimed_reads), (True, bus.unclaimed_writes))
+            # list() copies in one step under the GIL: vCPU threads may add keys meanwhile
+            for (address, size), count in list(counter.items())
+        ]
+
     def unclaimed_accesses(self, limit: int = 10) -> list[tuple[str, int, int, str, int]]:
         """The most frequent accesses no device claimed: (bus, address, size, "read"/"write", count)."""
+        bus_names = {"pio": self.pio_bus.name, "mmio": self.mmio_bus.name}
         rows = [
-            (bus.name, address, size, access, count)
-            for bus in (self.pio_bus, self.mmio_bus)
-            for access, counter in (("read", bus.unclaimed_reads), ("write", bus.unclaimed_writes))
-            for (address, size), count in list(counter.items())
+            (bus_names[u.space], u.address, u.size, "write" if u.is_write else "read", u.count)
+            for u in self.unclaimed_counts()
         ]
         return sorted(rows, key=lambda row: -row[4])[:limit]
 
