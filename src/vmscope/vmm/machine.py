@@ -35,8 +35,8 @@ from vmscope.errors import ConfigError, KvmError
 from vmscope.firmware import FirmwareContributions, FirmwareContributor
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
-from vmscope.kvm.constants import ExitReason
-from vmscope.kvm.exits import RareExit
+from vmscope.kvm.constants import INTERNAL_ERROR_EMULATION, ExitReason
+from vmscope.kvm.exits import RareExit, decode_rare_exit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader import GuestKind, LoadedGuest, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
@@ -549,14 +549,11 @@ class Machine:
     def report_crash(self, runner: VcpuRunner, reason: str, *, internal_error: bool = False) -> None:
         """Called on the crashing vCPU's thread: capture its state, then stop with status 1."""
         vcpu = runner.vcpu
-        emulation_data: list[int] | None = None
-        if internal_error:
-            internal = vcpu.run_struct.exit.internal
-            emulation_data = [int(internal.data[i]) for i in range(min(internal.ndata, 16))]
-            if internal.suberror != 1:
-                emulation_data = None
+        # the exit is still in kvm_run: kvm.exits decodes the failing instruction's bytes
+        failure = decode_rare_exit(vcpu.run_struct) if internal_error else None
+        emulation_failure = failure is not None and failure.code == INTERNAL_ERROR_EMULATION
         fallback_note = None
-        if emulation_data is not None:
+        if emulation_failure:
             unsupported = self.fallback.unsupported.pop(vcpu.id, None) if self.fallback else None
             if self.fallback is None:
                 fallback_note = "vmscope's fallback emulator is off (--emulate-fallback off)"
@@ -571,7 +568,8 @@ class Machine:
                 vcpu.get_regs(),
                 vcpu.get_sregs(),
                 self.memory,
-                emulation_data=emulation_data,
+                emulation_failure=emulation_failure,
+                instruction=failure.instruction if failure is not None else b"",
                 symbolize=self.symbolize,
                 backend=self.kvm.backend,
                 fallback_note=fallback_note,
