@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # imported by the handlers: --help must not load the machine
     from pathlib import Path
 
     from vmscope.profiler.model import Profile
-    from vmscope.profiler.symbols import SymbolTable
+    from vmscope.symbols import SymbolTable
     from vmscope.vmm.machine import Machine
 
 EPILOG = """\
@@ -43,7 +43,7 @@ def symbol_tables(machine: Machine, paths: list[Path]) -> list[SymbolTable]:
     """Tables of the guest image and ``--symbols`` files; one that cannot be read is left out
     (the table then shows addresses only)."""
     from vmscope.errors import VmscopeError
-    from vmscope.profiler.symbols import load_symbol_file
+    from vmscope.symbols import load_symbol_file
 
     files = list(paths)
     if machine.guest is not None and machine.guest.symbol_file is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vmscope.profiler.analysis import format_ns, format_pct
 from vmscope.profiler.model import Profile
-from vmscope.profiler.symbols import Symbolizer
+from vmscope.symbols import Symbolizer
 
 TITLE = "Emulated by vmscope"
 HEADERS = ["Instruction", "Guest rip", "Symbol", "Count", "Total", "Mean"]

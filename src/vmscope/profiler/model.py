@@ -24,8 +24,8 @@ Filling it (the recorder side)
 * Instructions vmscope's fallback emulator completed (KVM could not emulate them):
   ``profile.emulated`` (:class:`EmulatedInstruction` per vCPU, mnemonic and guest rip, totals at
   the end) and ``profile.emulated_series`` (cumulative completions per "vcpuN" over time).
-* Symbols: append :class:`~vmscope.profiler.symbols.SymbolTable` objects (from
-  :mod:`vmscope.profiler.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
+* Symbols: append :class:`~vmscope.symbols.SymbolTable` objects (from
+  :mod:`vmscope.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
   profile file so reports symbolize on any machine. Call :meth:`Profile.compact_symbols` before
   saving to keep only the symbols that sampled addresses hit.
 
@@ -42,7 +42,7 @@ from typing import Any
 
 from vmscope.errors import VmscopeError
 from vmscope.histogram import LatencyHistogram
-from vmscope.profiler.symbols import SymbolEntry, Symbolizer, SymbolTable
+from vmscope.symbols import SymbolEntry, Symbolizer, SymbolTable
 from vmscope.version import __version__
 
 ORIGIN_EXIT = "exit"

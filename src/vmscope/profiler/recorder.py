@@ -45,10 +45,10 @@ from vmscope.profiler.model import (
     TaskInfo,
 )
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
-from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwinders.base import Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
+from vmscope.symbols import load_symbol_file
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.kick_listeners import kick_listeners

@@ -45,6 +45,7 @@ from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.virtio.pci_attach import PciPlatform
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.crash import CrashReport, build_crash_report
+from vmscope.vmm.entry_state import apply_entry_state
 from vmscope.vmm.fallback import FallbackEmulator, xstate_from_cpuid
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
@@ -384,7 +385,7 @@ class Machine:
 
     def boot_from(self, guest: LoadedGuest) -> None:
         """Set the boot vCPU to a loaded guest's entry state (for loaders used directly)."""
-        self.runners[0].vcpu.set_entry_state(guest.entry)
+        apply_entry_state(self.runners[0].vcpu, guest.entry)
         self.guest = guest
         if guest.symbol_file is not None and self.symbolize is None:
             self.symbolize = _elf_symbolizer(guest.symbol_file)
@@ -638,10 +639,8 @@ class Machine:
 
 def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
     """'function+0xoffset' lookups from an ELF symbol table, or None when it has none."""
-    try:
-        from vmscope.profiler.symbols import Symbolizer
-    except ImportError:  # the profiler package is optional for running guests
-        return None
+    from vmscope.symbols import Symbolizer  # pyelftools: only for guests with an ELF image
+
     try:
         symbolizer = Symbolizer.from_elf(path)
     except Exception as error:  # missing symbols must never stop a run
