@@ -9,7 +9,7 @@ from collections import Counter
 
 import vmscope
 from vmscope.guest.build import demo_guest
-from vmscope.profiler.symbols import Symbolizer
+from vmscope.symbols import Symbolizer
 
 
 def main() -> int:

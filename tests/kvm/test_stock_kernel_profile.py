@@ -9,7 +9,7 @@ import pytest
 
 from tests.kernel_fixture import debian_kernel, pvh_vmlinux
 from vmscope.profiler.recorder import ProfileRecorder
-from vmscope.profiler.symbols import is_kernel_address
+from vmscope.symbols import is_kernel_address
 from vmscope.vmm.machine import Machine
 from vmscope.vmm.platform import install_platform_devices
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
+from vmscope.kvm.exits import decode_rare_exit
 from vmscope.memory.guest_memory import GuestMemory
 from vmscope.vmm.crash import build_crash_report
 
@@ -16,17 +18,25 @@ def long_mode_registers(rip: int) -> tuple[s.kvm_regs, s.kvm_sregs]:
     return regs, sregs
 
 
-def emulation_data(code: bytes) -> list[int]:
-    """kvm_run.emulation_failure as u64 words: flags, then insn_size and insn_bytes[15]."""
-    raw = bytes([len(code)]) + code + bytes(15 - len(code))
-    return [1] + [int.from_bytes(raw[i : i + 8], "little") for i in (0, 8)]
+def reported_bytes(code: bytes) -> bytes:
+    """The instruction bytes as KVM reports them in kvm_run and kvm.exits decodes them."""
+    run = s.kvm_run(exit_reason=c.ExitReason.INTERNAL_ERROR)
+    failure = run.exit.emulation_failure
+    failure.suberror, failure.ndata = c.INTERNAL_ERROR_EMULATION, 4
+    failure.flags = c.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    failure.insn_size = len(code)
+    failure.insn_bytes[: len(code)] = list(code)
+    rare_exit = decode_rare_exit(run)
+    assert rare_exit.code == c.INTERNAL_ERROR_EMULATION
+    return rare_exit.instruction
 
 
 def test_emulation_failure_bytes_are_decoded_and_the_pvm_hint_names_clearcpuid() -> None:
     memory = GuestMemory.for_size(1 << 20)
     regs, sregs = long_mode_registers(0x1000)
     report = build_crash_report(
-        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(LOCK_CMPXCHG16B),
+        0, "KVM internal error", regs, sregs, memory,
+        emulation_failure=True, instruction=reported_bytes(LOCK_CMPXCHG16B),
         symbolize=lambda address: "slab_alloc+0x10" if address == 0x1000 else None, backend="kvm_pvm",
     )  # fmt: skip
     assert report.instruction == "lock cmpxchg16b xmmword ptr [rsi]"
@@ -59,7 +69,8 @@ def test_hardware_host_hint_names_the_cpu_features_mask() -> None:
     memory = GuestMemory.for_size(1 << 20)
     regs, sregs = long_mode_registers(0x1000)
     report = build_crash_report(
-        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(LOCK_CMPXCHG16B),
+        0, "KVM internal error", regs, sregs, memory,
+        emulation_failure=True, instruction=reported_bytes(LOCK_CMPXCHG16B),
         backend="kvm_intel",
     )  # fmt: skip
     assert report.hint is not None and "--cpu-features=-cx16" in report.hint
@@ -71,7 +82,8 @@ def test_hint_says_when_the_fallback_emulator_could_not_complete_it_either() -> 
     note = "vmscope's fallback emulator could not complete it either: vpxor is not emulated"
     vpxor = bytes.fromhex("c5f9efc0")
     report = build_crash_report(
-        0, "KVM internal error", regs, sregs, memory, emulation_data=emulation_data(vpxor),
+        0, "KVM internal error", regs, sregs, memory,
+        emulation_failure=True, instruction=reported_bytes(vpxor),
         backend="kvm_pvm", fallback_note=note,
     )  # fmt: skip
     assert report.hint is not None and report.hint.endswith(note)

@@ -16,7 +16,7 @@ from vmscope.errors import ConfigError, ImageFormatError, VmscopeError
 from vmscope.file_limits import read_bounded
 from vmscope.memory.guest_memory import check_fits_host
 from vmscope.profiler.profile_file import MAGIC, load
-from vmscope.profiler.symbols import SymbolFileError, load_symbol_file
+from vmscope.symbols import SymbolFileError, load_symbol_file
 from vmscope.vmm.virtio_setup import parse_disk_spec
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

@@ -19,7 +19,7 @@ from vmscope.profiler.kernel.modules import (
     read_module_symbols,
     walk_modules,
 )
-from vmscope.profiler.symbols import Symbolizer
+from vmscope.symbols import Symbolizer
 
 MODULES_HEAD = 0xFFFF_FFFF_82B2_7160
 SLIDE = 0x1A00_0000

@@ -17,7 +17,7 @@ from vmscope.profiler.export.folded import folded_lines
 from vmscope.profiler.export.pprof import SAMPLE_TYPES, export_pprof, parse_pprof, profile_file_descriptor
 from vmscope.profiler.export.speedscope import SCHEMA_URL, speedscope_document
 from vmscope.profiler.model import Sample
-from vmscope.profiler.symbols import SymbolEntry
+from vmscope.symbols import SymbolEntry
 
 # root-first function names of the synthetic TIMER_SAMPLES, written out by hand
 TIMER_FOLDED = {

@@ -17,7 +17,7 @@ import pytest
 from tests.unit.rigs.profiles import TIMER_SAMPLES, build_profile
 from vmscope.profiler.export.html import export_html
 from vmscope.profiler.model import Profile, Sample
-from vmscope.profiler.symbols import SymbolEntry
+from vmscope.symbols import SymbolEntry
 
 CHROMIUM = "/usr/bin/chromium"
 WINDOW = (1280, 1000)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmscope.errors import VmscopeError
-from vmscope.profiler.symbols import (
+from vmscope.symbols import (
     KERNEL_ADDRESS_START,
     MAX_SIZELESS_EXTENT,
     Symbol,

@@ -9,8 +9,8 @@ from vmscope.profiler import profile_file
 from vmscope.profiler.export import export_profile
 from vmscope.profiler.model import Profile, Sample, TaskInfo
 from vmscope.profiler.report import ReportOptions, report_text
-from vmscope.profiler.symbols import SymbolEntry, SymbolTable
 from vmscope.profiler.tasks_view import UNKNOWN_TASK, comm_symbol_rows, task_spans
+from vmscope.symbols import SymbolEntry, SymbolTable
 
 KERNEL = 0xFFFF_FFFF_8100_0000
 IDLE = TaskInfo("swapper/0", 0, 0)

@@ -116,7 +116,7 @@ def _stock_kernel(kernel: Path | None, machine: Machine) -> Path | None:
         return kernel
     if machine.guest.kind == "PVH ELF":
         from vmscope.errors import VmscopeError
-        from vmscope.profiler.symbols import load_elf_symbols
+        from vmscope.symbols import load_elf_symbols
 
         try:
             load_elf_symbols(kernel)

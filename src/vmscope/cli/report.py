@@ -82,7 +82,7 @@ def run_report(args: argparse.Namespace) -> int:
     from vmscope.profiler.counter_report import render_counters
     from vmscope.profiler.export import export_profile
     from vmscope.profiler.report import ReportOptions, make_console, render_report
-    from vmscope.profiler.symbols import load_symbol_file
+    from vmscope.symbols import load_symbol_file
 
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")

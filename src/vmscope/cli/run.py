@@ -232,7 +232,7 @@ def build_machine(args: argparse.Namespace) -> Machine:
 
 def symbolizer_for(paths: list[Path], guest: LoadedGuest | None) -> Callable[[int], str | None]:
     """'function+0xoff [module]' lookups over the given symbol files and the guest image."""
-    from vmscope.profiler.symbols import Symbolizer
+    from vmscope.symbols import Symbolizer
 
     files = list(paths)
     if guest is not None and guest.symbol_file is not None:

@@ -13,7 +13,10 @@ from vmscope.cli.run import add_machine_arguments, build_machine, report_result,
 from vmscope.profiler.options import EVENT_CLASSES, EXIT_SORT_KEYS
 
 if TYPE_CHECKING:  # imported by the handlers: --help must not load the machine
+    from pathlib import Path
+
     from vmscope.profiler.model import Profile
+    from vmscope.symbols import SymbolTable
     from vmscope.vmm.machine import Machine
 
 EPILOG = """\
@@ -36,9 +39,27 @@ def snapshot(machine: Machine) -> Profile:
     return profile
 
 
+def symbol_tables(machine: Machine, paths: list[Path]) -> list[SymbolTable]:
+    """Tables of the guest image and ``--symbols`` files; one that cannot be read is left out
+    (the table then shows addresses only)."""
+    from vmscope.errors import VmscopeError
+    from vmscope.symbols import load_symbol_file
+
+    files = list(paths)
+    if machine.guest is not None and machine.guest.symbol_file is not None:
+        files.insert(0, machine.guest.symbol_file)
+    tables: list[SymbolTable] = []
+    for path in dict.fromkeys(files):
+        try:
+            tables.extend(load_symbol_file(path))
+        except VmscopeError:
+            continue
+    return tables
+
+
 def handle(args: argparse.Namespace) -> int:
     from vmscope.profiler.counter_report import render_counters
-    from vmscope.profiler.report import ReportOptions, make_console, render_kvm_stat
+    from vmscope.profiler.report import ReportOptions, make_console, render_emulated, render_kvm_stat
 
     args = merge_run_arguments(args, "vmscope stat")
     counters = counter_session(args)
@@ -65,8 +86,12 @@ def handle(args: argparse.Namespace) -> int:
         if printer is not None:
             printer.join()
         profile = snapshot(machine)
+        profile.metadata.duration_ns = round(result.duration_s * 1e9)  # the emulated share's base
+        if profile.emulated:  # name the functions they lie in, as record's profile would
+            profile.symbol_tables = symbol_tables(machine, args.symbols)
         counters.fill(profile)
         render_kvm_stat(profile, console, options, console.is_terminal)
+        render_emulated(profile, console, options.vcpu, console.is_terminal)
         render_counters(profile, console, console.is_terminal)
         held_back = log_sink.counts()
         console.print(

@@ -256,16 +256,14 @@ class ControlProtocol:
             )
         total_rows = [self._exit_row(key, histogram) for key, histogram in totals.items()]
         total_rows.sort(key=lambda row: (-row["count"], row["key"]))
-        unclaimed: dict[str, list[dict[str, int]]] = {}
-        for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
-            merged: dict[tuple[int, int], dict[str, int]] = {}
-            for field_name, counter in (("reads", bus.unclaimed_reads), ("writes", bus.unclaimed_writes)):
-                for (address, size), count in list(counter.items()):
-                    entry = merged.setdefault(
-                        (address, size), {"address": address, "size": size, "reads": 0, "writes": 0}
-                    )
-                    entry[field_name] = count
-            unclaimed[space] = [merged[place] for place in sorted(merged)]
+        merged: dict[str, dict[tuple[int, int], dict[str, int]]] = {"pio": {}, "mmio": {}}
+        for access in machine.unclaimed_counts():
+            entry = merged[access.space].setdefault(
+                (access.address, access.size),
+                {"address": access.address, "size": access.size, "reads": 0, "writes": 0},
+            )
+            entry["writes" if access.is_write else "reads"] = access.count
+        unclaimed = {space: [places[place] for place in sorted(places)] for space, places in merged.items()}
         result: dict[str, Any] = {
             "state": self.state(),
             "uptime_s": round(machine.result().duration_s, 6),

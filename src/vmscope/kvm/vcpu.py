@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from vmscope.arch.x86.cpu_state import CpuEntryState, DescriptorTable, Segment
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
 from vmscope.kvm._ioctl import ioctl
@@ -24,27 +23,6 @@ from vmscope.kvm.exits import emulation_failure_bytes
 
 if TYPE_CHECKING:
     from vmscope.kvm.vm import Vm
-
-
-def _to_kvm_segment(segment: Segment) -> s.kvm_segment:
-    return s.kvm_segment(
-        base=segment.base,
-        limit=segment.limit,
-        selector=segment.selector,
-        type=segment.type,
-        present=segment.present,
-        dpl=segment.dpl,
-        db=segment.db,
-        s=segment.s,
-        l=segment.l,
-        g=segment.g,
-        avl=segment.avl,
-        unusable=segment.unusable,
-    )
-
-
-def _to_kvm_dtable(table: DescriptorTable) -> s.kvm_dtable:
-    return s.kvm_dtable(base=table.base, limit=table.limit)
 
 
 class Vcpu:
@@ -193,27 +171,6 @@ class Vcpu:
 
     def set_tsc_khz(self, khz: int) -> None:
         ioctl(self.fd, c.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
-
-    def set_entry_state(self, state: CpuEntryState) -> None:
-        """Load a loader-produced boot state: segments, control registers, rip, rflags, gprs."""
-        sregs = self.get_sregs()  # keeps apic_base and the interrupt bitmap as KVM set them
-        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-            setattr(sregs, name, _to_kvm_segment(getattr(state, name)))
-        sregs.gdt = _to_kvm_dtable(state.gdt)
-        sregs.idt = _to_kvm_dtable(state.idt)
-        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
-        self.set_sregs(sregs)
-        regs = s.kvm_regs()
-        for name, value in state.gprs.items():
-            setattr(regs, name, value)
-        regs.rip = state.rip
-        regs.rflags = state.rflags
-        self.set_regs(regs)
-        # Initialise x87/SSE control words as a reset CPU does; a zero MXCSR masks nothing.
-        fpu = s.kvm_fpu()
-        fpu.fcw = 0x37F
-        fpu.mxcsr = 0x1F80
-        self.set_fpu(fpu)
 
     # -- CPU model ------------------------------------------------------------------------
 

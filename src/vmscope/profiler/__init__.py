@@ -22,7 +22,7 @@ if TYPE_CHECKING:
         UnclaimedAccess,
     )
     from vmscope.profiler.profile_file import ProfileFormatError, load, save
-    from vmscope.profiler.symbols import Symbol, SymbolFileError, Symbolizer, SymbolTable
+    from vmscope.symbols import Symbol, SymbolFileError, Symbolizer, SymbolTable
 
 _EXPORTS = {
     "LatencyHistogram": "histogram",

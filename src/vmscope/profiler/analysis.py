@@ -18,7 +18,7 @@ from vmscope.histogram import LatencyHistogram
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, Profile, Sample, Span, exit_label
 from vmscope.profiler.options import EVENT_CLASSES, ORIGIN_CHOICES, SORT_KEYS
 from vmscope.profiler.stack_quality import stack_quality_line
-from vmscope.profiler.symbols import Symbolizer, address_space
+from vmscope.symbols import Symbolizer, address_space
 
 #: exit reasons whose ``detail`` is the ioport / mmio event name
 _EVENT_REASON = {"ioport": "IO", "mmio": "MMIO"}

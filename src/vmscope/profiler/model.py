@@ -21,8 +21,11 @@ Filling it (the recorder side)
 * Host perf counters per thread (:mod:`vmscope.profiler.counters`): ``profile.counters`` (final
   values per "vcpuN"/"io:..." thread), ``profile.counter_series`` (cumulative values over time for
   the timeline) and ``profile.counter_notes`` (one line per counter that could not be opened).
-* Symbols: append :class:`~vmscope.profiler.symbols.SymbolTable` objects (from
-  :mod:`vmscope.profiler.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
+* Instructions vmscope's fallback emulator completed (KVM could not emulate them):
+  ``profile.emulated`` (:class:`EmulatedInstruction` per vCPU, mnemonic and guest rip, totals at
+  the end) and ``profile.emulated_series`` (cumulative completions per "vcpuN" over time).
+* Symbols: append :class:`~vmscope.symbols.SymbolTable` objects (from
+  :mod:`vmscope.symbols` loaders) to ``profile.symbol_tables``; the tables travel inside the
   profile file so reports symbolize on any machine. Call :meth:`Profile.compact_symbols` before
   saving to keep only the symbols that sampled addresses hit.
 
@@ -39,7 +42,7 @@ from typing import Any
 
 from vmscope.errors import VmscopeError
 from vmscope.histogram import LatencyHistogram
-from vmscope.profiler.symbols import SymbolEntry, Symbolizer, SymbolTable
+from vmscope.symbols import SymbolEntry, Symbolizer, SymbolTable
 from vmscope.version import __version__
 
 ORIGIN_EXIT = "exit"
@@ -230,6 +233,22 @@ class CounterSeries:
     values: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class EmulatedInstruction:
+    """Completions by vmscope's fallback emulator of one instruction (``mnemonic`` as capstone
+    names it, "lock cmpxchg16b") at one guest ``rip`` on one vCPU, and the time they took."""
+
+    vcpu: int
+    mnemonic: str
+    rip: int
+    count: int
+    total_ns: int
+
+
+#: the event name of ``Profile.emulated_series``
+EMULATED_EVENT = "emulated instructions"
+
+
 @dataclass(eq=False)
 class Profile:
     """Everything one run recorded; see the module docstring for how to fill it."""
@@ -248,6 +267,10 @@ class Profile:
     counters: list[ThreadCounters] = field(default_factory=list)
     counter_series: list[CounterSeries] = field(default_factory=list)
     counter_notes: list[str] = field(default_factory=list)
+    #: instructions vmscope completed because KVM could not emulate them, and their count over time
+    #: per vCPU (series named "vcpuN", event EMULATED_EVENT, cumulative values)
+    emulated: list[EmulatedInstruction] = field(default_factory=list)
+    emulated_series: list[CounterSeries] = field(default_factory=list)
 
     _exit_index: dict[tuple[int, str, str, str | None], ExitStat] = field(
         default_factory=dict, init=False, repr=False
@@ -312,10 +335,11 @@ class Profile:
         return Symbolizer(self.symbol_tables)
 
     def compact_symbols(self) -> None:
-        """Keep only symbols that some sampled address falls in (sizes made explicit, so lookups of
-        those addresses give the same answer as before)."""
+        """Keep only symbols that some sampled or emulated address falls in (sizes made explicit, so
+        lookups of those addresses give the same answer as before)."""
         symbolizer = self.symbolizer()
         addresses = {address for sample in self.samples for address in sample.frames}
+        addresses.update(entry.rip for entry in self.emulated)
         kept: dict[tuple[str, str, int], SymbolEntry] = {}
         for address in addresses:
             extent = symbolizer.symbol_extent(address)
@@ -420,16 +444,21 @@ class Profile:
                     {"thread": c.thread, "tid": c.tid, "values": dict(c.values), "wall_ns": c.wall_ns}
                     for c in self.counters
                 ],
-                "series": [
-                    {
-                        "thread": s.thread,
-                        "event": s.event,
-                        "times_ns": list(s.times_ns),
-                        "values": list(s.values),
-                    }
-                    for s in self.counter_series
-                ],
+                "series": [_series_to_dict(s) for s in self.counter_series],
                 "notes": list(self.counter_notes),
+            },
+            "emulated": {
+                "instructions": [
+                    {
+                        "vcpu": e.vcpu,
+                        "mnemonic": e.mnemonic,
+                        "rip": e.rip,
+                        "count": e.count,
+                        "total_ns": e.total_ns,
+                    }
+                    for e in self.emulated
+                ],
+                "series": [_series_to_dict(s) for s in self.emulated_series],
             },
         }
 
@@ -485,6 +514,9 @@ class Profile:
             part = "counters"
             # profiles written before counters existed have no "counters" part
             _counters_from_dict(profile, data.get("counters", {}))
+            part = "emulated"
+            # nor an "emulated" part before the fallback emulator's table
+            _emulated_from_dict(profile, data.get("emulated", {}))
         except VmscopeError as error:
             raise VmscopeError(f"profile {part}: {error}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
@@ -642,12 +674,38 @@ def _counters_from_dict(profile: Profile, data: Any) -> None:
                 wall_ns=_uint(item.get("wall_ns", 0), "wall_ns"),
             )
         )
-    for item in data.get("series", []):
-        times = [_int(t, "time_ns") for t in item["times_ns"]]
-        values = [_uint(v, "count") for v in item["values"]]
-        if len(times) != len(values):
-            raise VmscopeError("series times and values differ in length")
-        profile.counter_series.append(
-            CounterSeries(_str(item["thread"], "thread"), _str(item["event"], "event"), times, values)
-        )
+    profile.counter_series = [_series_from_dict(item) for item in data.get("series", [])]
     profile.counter_notes = [_str(line, "note") for line in data.get("notes", [])]
+
+
+def _series_to_dict(series: CounterSeries) -> dict[str, Any]:
+    return {
+        "thread": series.thread,
+        "event": series.event,
+        "times_ns": list(series.times_ns),
+        "values": list(series.values),
+    }
+
+
+def _series_from_dict(item: Any) -> CounterSeries:
+    times = [_int(t, "time_ns") for t in item["times_ns"]]
+    values = [_uint(v, "count") for v in item["values"]]
+    if len(times) != len(values):
+        raise VmscopeError("series times and values differ in length")
+    return CounterSeries(_str(item["thread"], "thread"), _str(item["event"], "event"), times, values)
+
+
+def _emulated_from_dict(profile: Profile, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise VmscopeError("not an object")
+    for item in data.get("instructions", []):
+        profile.emulated.append(
+            EmulatedInstruction(
+                vcpu=_uint(item["vcpu"], "vcpu"),
+                mnemonic=_str(item["mnemonic"], "mnemonic"),
+                rip=_uint(item["rip"], "rip"),
+                count=_uint(item["count"], "count"),
+                total_ns=_uint(item["total_ns"], "total_ns"),
+            )
+        )
+    profile.emulated_series = [_series_from_dict(item) for item in data.get("series", [])]

@@ -13,7 +13,9 @@ Three sources, all on the machine's own mechanisms:
   default rate is low and only vCPUs that do not exit on their own are kicked.
 
 Timeline spans (guest run / exit handling per vCPU) are kept for the first
-``max_spans_per_vcpu`` exits of each vCPU.
+``max_spans_per_vcpu`` exits of each vCPU. The sampler thread also polls, at the sampling rate,
+how many instructions vmscope's fallback emulator completed per vCPU (a counter track on the
+timeline; polling costs the vCPUs nothing, unlike a callback per completion).
 """
 
 from __future__ import annotations
@@ -30,12 +32,23 @@ from vmscope.devices.traces import MarkerSource, RequestTraceSource
 from vmscope.errors import GuestMemoryError, VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode, read_virtual
-from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_EXIT, ORIGIN_TIMER, Profile, Sample, Span, TaskInfo
+from vmscope.profiler.model import (
+    EMULATED_EVENT,
+    IO_PART_NAMES,
+    ORIGIN_EXIT,
+    ORIGIN_TIMER,
+    CounterSeries,
+    EmulatedInstruction,
+    Profile,
+    Sample,
+    Span,
+    TaskInfo,
+)
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
-from vmscope.profiler.symbols import load_symbol_file
 from vmscope.profiler.unwinders.base import Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
+from vmscope.symbols import load_symbol_file
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.kick_listeners import kick_listeners
@@ -122,6 +135,10 @@ class ProfileRecorder:
         self._hook: ExitHook | None = None
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
+        self._emulated_series = {
+            runner.vcpu.id: CounterSeries(f"vcpu{runner.vcpu.id}", EMULATED_EVENT)
+            for runner in machine.runners
+        }
         self._t0 = 0
         self._start_wall_ns = 0
         self._finished = False
@@ -133,6 +150,8 @@ class ProfileRecorder:
         self._start_wall_ns = time.time_ns()
         for state in self._states.values():
             state.last_end_ns = 0
+        for series in self._emulated_series.values():  # counts start at 0 with the run
+            append_count_point(series, 0, 0, self.max_spans_per_vcpu)
         self._hook = self.machine.add_exit_hook(self._on_exit, registers=True)
         for runner in self.machine.runners:
             kick_listeners(runner).add(self._on_kick)
@@ -152,6 +171,7 @@ class ProfileRecorder:
             self.machine.remove_exit_hook(self._hook)
         for runner in self.machine.runners:
             kick_listeners(runner).remove(self._on_kick)
+        self._poll_emulated()
         self._fill_statistics()
         return self.profile
 
@@ -328,6 +348,17 @@ class ProfileRecorder:
             self.profile.samples.append(sample)
             state.kick_samples += 1
 
+    def _poll_emulated(self) -> None:
+        """Add a point to each vCPU's emulated-instruction series (see :func:`append_count_point`)."""
+        if self.machine.fallback is None:
+            return
+        per_vcpu: dict[int, int] = {}
+        for vcpu, _, _, count, _ in self.machine.fallback_counts():
+            per_vcpu[vcpu] = per_vcpu.get(vcpu, 0) + count
+        now = self._now()
+        for vcpu, series in self._emulated_series.items():
+            append_count_point(series, now, per_vcpu.get(vcpu, 0), self.max_spans_per_vcpu)
+
     def _sampler_loop(self) -> None:
         name_host_thread()
         sandbox.enter_or_log("io")  # KVM ioctls, signal kicks and guest memory only
@@ -344,6 +375,7 @@ class ProfileRecorder:
                     state.kicks_sent += 1
                     runner.sample_kick()
                 state.last_exit_count = exits
+            self._poll_emulated()
 
     # -- assembling -------------------------------------------------------------------------
 
@@ -380,6 +412,7 @@ class ProfileRecorder:
             meta.extra["kernel_slide"] = "not found" if slide is None else f"{slide:#x}"
             self._task_statistics(self.kernel)
         fill_exit_statistics(profile, machine)
+        profile.emulated_series = [series for series in self._emulated_series.values() if any(series.values)]
         self._add_boot_markers()
         self._add_io_requests()
         symbol_paths = list(self.symbol_files)
@@ -466,8 +499,24 @@ def _cfi_regions(machine: Machine, symbol_files: Sequence[Path], max_depth: int)
     return regions
 
 
+def append_count_point(series: CounterSeries, time_ns: int, value: int, limit: int) -> None:
+    """Add the cumulative ``value`` polled at ``time_ns``, keeping only the points a timeline needs:
+    those where the count moved, and the first poll after a move (where the rate falls to zero).
+    Skipped polls repeat the last kept value, so each point's difference to the previous kept one
+    is still the count of its own poll interval. At most ``limit`` points (the earliest)."""
+    times, values = series.times_ns, series.values
+    if len(times) >= limit:
+        return
+    moved = not values or value != values[-1]
+    previous_moved = len(values) >= 2 and values[-1] != values[-2]
+    if moved or previous_moved:
+        times.append(time_ns)
+        values.append(value)
+
+
 def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
-    """Copy the machine's always-on exit accounting, unclaimed accesses and KVM stats into ``profile``."""
+    """Copy the machine's always-on exit accounting, unclaimed accesses, KVM stats and the
+    instructions its fallback emulator completed into ``profile``."""
     for runner in machine.runners:
         # list() copies in one step under the GIL: vCPU threads may add keys while we read
         for key, histogram in list(runner.stats.handling.items()):
@@ -480,10 +529,11 @@ def fill_exit_statistics(profile: Profile, machine: Machine) -> None:
             stat = profile.exit_stat(runner.vcpu.id, reason, exit_detail(reason, address, access), device)
             stat.histogram.merge(histogram)
         profile.guest_time_histogram(runner.vcpu.id).merge(runner.stats.guest)
-    for space, bus in (("pio", machine.pio_bus), ("mmio", machine.mmio_bus)):
-        for counter, is_write in ((bus.unclaimed_reads, False), (bus.unclaimed_writes, True)):
-            for (address, size), count in list(counter.items()):
-                profile.record_unclaimed(space, address, size, is_write, count=count)
+    for unclaimed in machine.unclaimed_counts():
+        profile.record_unclaimed(
+            unclaimed.space, unclaimed.address, unclaimed.size, unclaimed.is_write, unclaimed.count
+        )
+    profile.emulated = [EmulatedInstruction(*row) for row in machine.fallback_counts()]
     try:
         for name, values in machine.kvm_stats().items():
             profile.kvm_stats[name] = dict(values)

@@ -39,6 +39,8 @@ from vmscope.profiler.analysis import (
     top_functions,
     vcpu_times,
 )
+from vmscope.profiler.emulated_table import TITLE as EMULATED_TITLE
+from vmscope.profiler.emulated_table import emulated_table
 from vmscope.profiler.model import IO_PART_NAMES, ORIGIN_TIMER, Profile
 from vmscope.profiler.options import EVENT_CLASSES, ORIGIN_CHOICES, SORT_KEYS
 from vmscope.profiler.tasks_view import comm_symbol_rows
@@ -70,6 +72,7 @@ __all__ = [
     "kvm_stat_events",
     "make_console",
     "make_table",
+    "render_emulated",
     "render_exit_causes",
     "render_io_latency",
     "render_kvm_stat",
@@ -118,7 +121,7 @@ class ReportOptions:
 
 def render_report(profile: Profile, console: Console, options: ReportOptions | None = None) -> None:
     """The full terminal report: time split, top functions, exits by cause, the kvm-stat table,
-    unclaimed accesses and KVM stats."""
+    the instructions vmscope emulated, unclaimed accesses and KVM stats."""
     options = options or ReportOptions()
     if options.vcpu is not None and options.vcpu not in profile.vcpus:
         raise ConfigError(f"--vcpu {options.vcpu}: the profile has vCPUs {_ranges(profile.vcpus)}")
@@ -133,6 +136,7 @@ def render_report(profile: Profile, console: Console, options: ReportOptions | N
         render_comm_symbols(profile, console, namer, options, terminal)
     render_exit_causes(profile, console, namer, options, terminal)
     render_kvm_stat(profile, console, options, terminal)
+    render_emulated(profile, console, options.vcpu, terminal, options.limit)
     render_io_latency(profile, console, terminal)
     render_unclaimed(profile, console, terminal)
     render_kvm_stats(profile, console, options.vcpu, terminal)
@@ -285,6 +289,23 @@ def render_kvm_stat(profile: Profile, console: Console, options: ReportOptions, 
     total_samples = sum(r.samples for r in rows)
     total_time = sum(r.total_ns for r in rows)
     console.print(Text(f"Total Samples:{total_samples}, Total events handled time:{format_us(total_time)}."))
+    console.print()
+
+
+def render_emulated(
+    profile: Profile, console: Console, vcpu: int | None, terminal: bool, limit: int | None = None
+) -> None:
+    """Instructions KVM could not emulate that vmscope completed; nothing when there were none."""
+    headers, rows, summary = emulated_table(profile, vcpu, limit)
+    if not rows:
+        return
+    table = make_table(EMULATED_TITLE, terminal)
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="right" if index >= 3 else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(Text(summary))
     console.print()
 
 

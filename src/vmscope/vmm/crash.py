@@ -46,8 +46,6 @@ FEATURE_FOR_MNEMONIC = {
     "popcnt": "popcnt",
 }
 
-EMULATION_FLAG_INSTRUCTION_BYTES = 1  # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-
 GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
 
@@ -121,13 +119,16 @@ def build_crash_report(
     sregs: s.kvm_sregs,
     memory: GuestMemory,
     *,
-    emulation_data: list[int] | None = None,
+    emulation_failure: bool = False,
+    instruction: bytes = b"",
     symbolize: Callable[[int], str | None] | None = None,
     backend: str = "",
     fallback_note: str | None = None,
 ) -> CrashReport:
-    """``fallback_note``: why vmscope's fallback emulator did not complete the instruction
-    (it did not support it, or it is switched off), for emulation failures."""
+    """``emulation_failure``: KVM could not emulate the instruction (an internal error, suberror 1);
+    ``instruction``: its bytes when KVM reported them (``kvm.exits.RareExit.instruction``), else
+    they are read at rip through the guest's page tables. ``fallback_note``: why vmscope's
+    fallback emulator did not complete the instruction (it did not support it, or it is off)."""
     import capstone
 
     mode_name, cs_mode = cpu_mode_name(sregs)
@@ -142,11 +143,7 @@ def build_crash_report(
         backend=backend,
     )
     linear = (sregs.cs.base + regs.rip) if cs_mode != capstone.CS_MODE_64 else regs.rip
-    code = b""
-    if emulation_data and len(emulation_data) >= 2 and emulation_data[0] & EMULATION_FLAG_INSTRUCTION_BYTES:
-        # kvm_run.emulation_failure: u64 flags, then u8 insn_size and u8 insn_bytes[15]
-        raw = b"".join(word.to_bytes(8, "little") for word in emulation_data[1:3])
-        code = raw[1 : 1 + min(raw[0], 15)]
+    code = instruction[:15]
     if not code:
         paging = PagingMode.from_sregs(sregs)
         try:
@@ -166,18 +163,18 @@ def build_crash_report(
                 "kernel mode, and CPUID masking (--cpu-features) does not reach guests on this host; "
                 f"a Linux guest avoids it with clearcpuid={feature} on its command line"
             )
-        elif feature is not None and emulation_data is not None:
+        elif feature is not None and emulation_failure:
             report.hint = (
                 f"{mnemonic} could not be emulated; --cpu-features=-{feature} hides it from the guest"
             )
     else:
         report.instruction_bytes = code
-    if backend == "kvm_pvm" and report.hint is None and emulation_data is not None:
+    if backend == "kvm_pvm" and report.hint is None and emulation_failure:
         report.hint = (
             "this host's KVM is kvm_pvm (software virtualization): guest kernel code is emulated and some "
             "instructions cannot be; on a VT-x/AMD-V host this guest may run"
         )
-    if fallback_note is not None and emulation_data is not None:
+    if fallback_note is not None and emulation_failure:
         report.hint = f"{report.hint}; {fallback_note}" if report.hint else fallback_note
     if symbolize is not None:
         report.symbol = symbolize(regs.rip)

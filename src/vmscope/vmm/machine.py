@@ -36,8 +36,8 @@ from vmscope.errors import ConfigError, KvmError
 from vmscope.firmware import FirmwareContributions, FirmwareContributor
 from vmscope.kvm import BinaryStats, Cap, Kvm, Vcpu, describe_backend
 from vmscope.kvm import structs as s
-from vmscope.kvm.constants import ExitReason
-from vmscope.kvm.exits import RareExit
+from vmscope.kvm.constants import INTERNAL_ERROR_EMULATION, ExitReason
+from vmscope.kvm.exits import RareExit, decode_rare_exit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader import GuestKind, LoadedGuest, is_linux_kernel, is_pvh_elf, load_guest
 from vmscope.loader.bzimage import is_bzimage
@@ -47,6 +47,7 @@ from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.cpu_steering import features_to_hide, host_cpu_flags, with_clearcpuid
 from vmscope.vmm.crash import CrashReport, build_crash_report
+from vmscope.vmm.entry_state import apply_entry_state
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.rare_exits import RareExitHandlers
@@ -74,6 +75,17 @@ class RunResult:
     duration_s: float = 0.0
     #: instructions KVM could not emulate that vmscope's fallback emulator completed
     emulated_instructions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UnclaimedCount:
+    """Guest accesses of one width to a port or MMIO address that no device claimed."""
+
+    space: str  # "pio" | "mmio"
+    address: int
+    size: int
+    is_write: bool
+    count: int
 
 
 @dataclass
@@ -417,7 +429,7 @@ class Machine:
 
     def boot_from(self, guest: LoadedGuest) -> None:
         """Set the boot vCPU to a loaded guest's entry state (for loaders used directly)."""
-        self.runners[0].vcpu.set_entry_state(guest.entry)
+        apply_entry_state(self.runners[0].vcpu, guest.entry)
         self.guest = guest
         if guest.symbol_file is not None and self.symbolize is None:
             self.symbolize = _elf_symbolizer(guest.symbol_file)
@@ -489,13 +501,23 @@ class Machine:
         self._log_unclaimed()  # legacy ports a guest probes in a loop show up here (-vv)
         return self.result()
 
+    def unclaimed_counts(self) -> list[UnclaimedCount]:
+        """Every access no device claimed so far, per space, address, width and direction (the
+        one walk of the buses' counters, for logs, profiles and the control socket)."""
+        return [
+            UnclaimedCount(space, address, size, is_write, count)
+            for space, bus in (("pio", self.pio_bus), ("mmio", self.mmio_bus))
+            for is_write, counter in ((False, bus.unclaimed_reads), (True, bus.unclaimed_writes))
+            # list() copies in one step under the GIL: vCPU threads may add keys meanwhile
+            for (address, size), count in list(counter.items())
+        ]
+
     def unclaimed_accesses(self, limit: int = 10) -> list[tuple[str, int, int, str, int]]:
         """The most frequent accesses no device claimed: (bus, address, size, "read"/"write", count)."""
+        bus_names = {"pio": self.pio_bus.name, "mmio": self.mmio_bus.name}
         rows = [
-            (bus.name, address, size, access, count)
-            for bus in (self.pio_bus, self.mmio_bus)
-            for access, counter in (("read", bus.unclaimed_reads), ("write", bus.unclaimed_writes))
-            for (address, size), count in list(counter.items())
+            (bus_names[u.space], u.address, u.size, "write" if u.is_write else "read", u.count)
+            for u in self.unclaimed_counts()
         ]
         return sorted(rows, key=lambda row: -row[4])[:limit]
 
@@ -583,14 +605,11 @@ class Machine:
     def report_crash(self, runner: VcpuRunner, reason: str, *, internal_error: bool = False) -> None:
         """Called on the crashing vCPU's thread: capture its state, then stop with status 1."""
         vcpu = runner.vcpu
-        emulation_data: list[int] | None = None
-        if internal_error:
-            internal = vcpu.run_struct.exit.internal
-            emulation_data = [int(internal.data[i]) for i in range(min(internal.ndata, 16))]
-            if internal.suberror != 1:
-                emulation_data = None
+        # the exit is still in kvm_run: kvm.exits decodes the failing instruction's bytes
+        failure = decode_rare_exit(vcpu.run_struct) if internal_error else None
+        emulation_failure = failure is not None and failure.code == INTERNAL_ERROR_EMULATION
         fallback_note = None
-        if emulation_data is not None:
+        if emulation_failure:
             unsupported = self.fallback.unsupported.pop(vcpu.id, None) if self.fallback else None
             if not self.emulate_fallback:
                 fallback_note = "vmscope's fallback emulator is off (--emulate-fallback off)"
@@ -605,7 +624,8 @@ class Machine:
                 vcpu.get_regs(),
                 vcpu.get_sregs(),
                 self.memory,
-                emulation_data=emulation_data,
+                emulation_failure=emulation_failure,
+                instruction=failure.instruction if failure is not None else b"",
                 symbolize=self.symbolize,
                 backend=self.kvm.backend,
                 fallback_note=fallback_note,
@@ -691,10 +711,8 @@ def _elf_symbolizer(path: Path) -> Callable[[int], str | None] | None:
 
 
 def _read_elf_symbols(path: Path) -> Callable[[int], str | None] | None:
-    try:
-        from vmscope.profiler.symbols import Symbolizer
-    except ImportError:  # the profiler package is optional for running guests
-        return None
+    from vmscope.symbols import Symbolizer  # pyelftools: only when a crash report asks
+
     try:
         symbolizer = Symbolizer.from_elf(path)
     except Exception as error:  # missing symbols must never stop a run

@@ -5,7 +5,7 @@ the tests can derive expected report values from these constants.
 from __future__ import annotations
 
 from vmscope.profiler.model import Profile, ProfileMetadata, Sample, Span
-from vmscope.profiler.symbols import SymbolEntry, SymbolTable
+from vmscope.symbols import SymbolEntry, SymbolTable
 
 # guest image: a 4 KiB code range with four functions (sizes known) and an unnamed tail
 IMAGE_START, IMAGE_END = 0x1000, 0x2000

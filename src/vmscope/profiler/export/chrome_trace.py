@@ -4,7 +4,8 @@ One process ("vmscope: <guest>") with one thread track per span track: vCPU thre
 ("vcpu0", "vcpu1", ...), then I/O threads and others by name. Spans become "X" complete events;
 timestamps are microseconds since the start of the run (fractions keep ns precision).
 Host perf counters become counter tracks ("C" events) named "<thread> <event>": task-clock as the
-thread's busy percentage per interval, other counters as the count per interval.
+thread's busy percentage per interval, other counters as the count per interval; so do the
+instructions vmscope's fallback emulator completed ("vcpu0 emulated instructions").
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def chrome_trace_document(profile: Profile) -> dict[str, Any]:
 def counter_events(profile: Profile) -> list[dict[str, Any]]:
     """One "C" event per counter series point: the change since the previous point."""
     events: list[dict[str, Any]] = []
-    for series in profile.counter_series:
+    for series in [*profile.counter_series, *profile.emulated_series]:
         name = f"{series.thread} {series.event}"
         previous_time, previous_value = 0, 0
         for time_ns, value in zip(series.times_ns, series.values, strict=True):

@@ -30,6 +30,8 @@ from vmscope.profiler.analysis import (
     vcpu_times,
 )
 from vmscope.profiler.counter_table import counter_table
+from vmscope.profiler.emulated_table import TITLE as EMULATED_TITLE
+from vmscope.profiler.emulated_table import emulated_table
 from vmscope.profiler.model import IO_PART_NAMES, Profile
 
 #: the timeline keeps the earliest spans up to this many, so the page stays loadable
@@ -223,6 +225,10 @@ def _tables(profile: Profile, namer: FrameNamer) -> str:
                 ],
             )
         )
+    headers, emulated, summary = emulated_table(profile)
+    if emulated:
+        parts.append(_table(EMULATED_TITLE, headers, emulated, numeric_from=3))
+        parts.append(f"<p class=meta>{html.escape(summary)}</p>")
     io_rows = io_latency_rows(profile)
     if io_rows:
         parts.append(

@@ -11,8 +11,8 @@ from vmscope.profiler.kernel.image import KernelImage, load_kernel_image
 from vmscope.profiler.kernel.kallsyms import Kallsyms, parse_kallsyms
 from vmscope.profiler.kernel.kaslr import choose_slide, idt_handler, slide_candidates
 from vmscope.profiler.kernel.tasks import TaskLayout
-from vmscope.profiler.symbols import SymbolEntry, SymbolTable
 from vmscope.profiler.unwinders.orc import OrcTable
+from vmscope.symbols import SymbolEntry, SymbolTable
 
 #: functions whose code bytes confirm a slide (any one matching suffices; alternatives patch some)
 _VERIFY_SYMBOLS = ("entry_SYSCALL_64", "schedule", "do_idle", "start_kernel", "memcpy", "printk")

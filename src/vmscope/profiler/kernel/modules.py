@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from vmscope.errors import KernelTableError
 from vmscope.profiler.kernel.btf import Btf
 from vmscope.profiler.kernel.kallsyms import Kallsyms
-from vmscope.profiler.symbols import SymbolEntry, SymbolTable
+from vmscope.symbols import SymbolEntry, SymbolTable
 
 _TABLE = "modules"
 KERNEL_HALF = 0xFFFF_8000_0000_0000
