@@ -514,8 +514,10 @@ def shell_init_script(modules: list[str]) -> str:
 class GuestConsole:
     """The guest's serial console through vmscope's ``unix:`` backend."""
 
-    def __init__(self, path: Path, connect_timeout_s: float = 120.0) -> None:
+    def __init__(self, path: Path, log: Path, connect_timeout_s: float = 120.0) -> None:
         self.output = bytearray()
+        #: everything the guest printed, kept for whoever reads a failed run's files
+        self.log = log.open("ab")
         self._serial = 0
         deadline = time.monotonic() + connect_timeout_s
         while True:
@@ -544,6 +546,8 @@ class GuestConsole:
             if not chunk:
                 return False
             self.output.extend(chunk)
+            self.log.write(chunk)
+            self.log.flush()
         return True
 
     def run(self, command: str, timeout_s: float = 300.0) -> str:
@@ -564,6 +568,7 @@ class GuestConsole:
 
     def close(self) -> None:
         self.socket.close()
+        self.log.close()
 
 
 def vmscope_process(arguments: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -621,7 +626,7 @@ def test_stock_kernel_reaches_a_shell_mounts_disks_pings_a_restored_twin_and_pow
     vm2: subprocess.Popen[bytes] | None = None
     shell = twin = None
     try:
-        shell = GuestConsole(consoles[0])
+        shell = GuestConsole(consoles[0], tmp_path / "vm1.console.log")
         assert shell.expect(f"{SHELL_MARK} ready", FULL_BOOT_LIMIT_S), shell.text[-5000:]
         boot_s = time.monotonic() - started
         assert f"{SHELL_MARK} insmod" not in shell.text, shell.text[-5000:]
@@ -658,7 +663,7 @@ def test_stock_kernel_reaches_a_shell_mounts_disks_pings_a_restored_twin_and_pow
             ],
             tmp_path / "vm2.out",
         )
-        twin = GuestConsole(consoles[1])
+        twin = GuestConsole(consoles[1], tmp_path / "vm2.console.log")
         twin.run(
             f"ip link set eth0 down; ip link set eth0 address 52:54:00:76:6d:02; ip addr flush dev eth0; "
             f"ip addr add {GUEST_ADDRESSES[1]}/24 dev eth0; ip link set eth0 up"
