@@ -263,3 +263,22 @@ def test_cli_help_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         make_parser().parse_args(["initramfs", "--help"])
     assert "vmscope initramfs -o initrd.cpio.gz --busybox" in capsys.readouterr().out
+
+
+def test_uncompressed_archive_holds_the_same_entries(tmp_path: Path, static_busybox: Path) -> None:
+    packed, members = build(tmp_path, busybox=static_busybox, init_script=None)
+    plain = tmp_path / "plain.cpio"
+    info = initramfs.build_initramfs(plain, busybox=static_busybox, init_script=None, compress=False)
+    assert plain.read_bytes() == gzip.decompress(packed.read_bytes())
+    assert plain.read_bytes()[:6] == b"070701" and info.size == plain.stat().st_size
+    assert [m.name for m in read_newc(plain.read_bytes())] == [m.name for m in members]
+
+
+def test_cli_no_compress_option(tmp_path: Path, static_busybox: Path) -> None:
+    out = tmp_path / "initrd.cpio"
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    cli_initramfs.register(subparsers)
+    args = parser.parse_args(["initramfs", "-o", str(out), "--busybox", str(static_busybox), "--no-compress"])
+    assert args.func(args) == 0
+    assert out.read_bytes()[:6] == b"070701"
