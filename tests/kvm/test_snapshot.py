@@ -38,10 +38,15 @@ def comparable(output: str) -> list[str]:
 
 
 def run_then_snapshot(
-    tmp_path: Path, run_args: Sequence[str], *, after_output: str | None = None, after_s: float = 0.0
+    tmp_path: Path,
+    run_args: Sequence[str],
+    *,
+    after_output: str | None = None,
+    after_s: float = 0.0,
+    stop: bool = True,
 ) -> tuple[str, int, Path]:
-    """Start `vmscope run`, wait for ``after_output`` on its stdout (or ``after_s``), snapshot it with
-    --stop; returns (its stdout, its status, the snapshot)."""
+    """Start `vmscope run`, wait for ``after_output`` on its stdout (or ``after_s``), snapshot it
+    (with --stop, or letting it run on); returns (its stdout, its status, the snapshot)."""
     sock, snap, out = tmp_path / "vm.sock", tmp_path / "snap", tmp_path / "before.txt"
     with open(out, "w") as stdout:
         process = subprocess.Popen(
@@ -55,9 +60,9 @@ def run_then_snapshot(
                 assert time.monotonic() < deadline, "the guest never got to the snapshot point"
                 time.sleep(0.01)
             time.sleep(after_s)
-            answer = vmscope_cli("ctl", str(sock), "snapshot", str(snap), "--stop")
+            answer = vmscope_cli("ctl", str(sock), "snapshot", str(snap), *(["--stop"] if stop else []))
             assert answer.returncode == 0, answer.stderr
-            assert json.loads(answer.stdout)["stopped"] is True
+            assert json.loads(answer.stdout)["stopped"] is stop
             status = process.wait(30)
         finally:
             if process.poll() is None:
@@ -138,6 +143,29 @@ def test_blk_writes_in_flight_at_the_snapshot_all_land_exactly_once(tmp_path: Pa
     again = vmscope_cli("run", "--restore", str(snap))
     assert again.returncode == 2
     assert f"disk {image} differs from the image the snapshot was taken with" in again.stderr
+
+
+def test_a_snapshot_without_stop_lets_the_io_threads_run_on_under_the_sandbox(tmp_path: Path) -> None:
+    """Saving quiesces the virtio I/O threads and starts them again from the control thread;
+    under the default seccomp sandbox they load their own filters again and serve on."""
+    guest = build_runtime_guest(
+        "virtio-driver", [GUEST_SRC / "virtio_driver.c"], cflags=("-Wextra", "-Werror")
+    )
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes([FILLER]) * (8 << 20))
+    blocks, sector, seed = 300, 16, 5
+    cmdline = f"mode=blk blocks={blocks} sector={sector} seed={seed}"
+    before, status, snap = run_then_snapshot(
+        tmp_path,
+        ["--seccomp", "on", "--elf", str(guest), "--disk", str(image), "--cmdline", cmdline],
+        after_output="capacity",
+        stop=False,
+    )
+    assert status == 33, before
+    assert f"blk: read back {blocks} blocks OK" in before
+    start = sector * SECTOR
+    assert image.read_bytes()[start : start + blocks * BLOCK] == pattern(seed, start, blocks * BLOCK)
+    assert (snap / "state").is_file()
 
 
 def test_a_machine_with_virtio_net_and_console_restores(
