@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from vmscope.devices.traces import MarkerSource, RequestTraceSource
 from vmscope.errors import GuestMemoryError, VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode, read_virtual
+from vmscope.profiler.interrupt_entry import InterruptEntries
 from vmscope.profiler.model import (
     EMULATED_EVENT,
     IO_PART_NAMES,
@@ -45,6 +46,7 @@ from vmscope.profiler.model import (
     TaskInfo,
 )
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
+from vmscope.profiler.stack_quality import INTERRUPT_ENTRY_KEY
 from vmscope.profiler.unwinders.base import Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
@@ -83,6 +85,9 @@ class _VcpuState:
     unwind_counts: dict[str, int] = field(default_factory=dict)
     #: the current task's lookup state (stock kernels with BTF only)
     kernel: VcpuKernelState | None = None
+    #: the guest's IDT handler addresses, for kicks that find an interrupt delivered but not run
+    entries: InterruptEntries = field(default_factory=InterruptEntries)
+    interrupt_entry_samples: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -203,8 +208,16 @@ class ProfileRecorder:
         state = self._states[vcpu.id]
         if self.kernel is not None and self.kernel.slide is None and cpl == 0 and wide:
             self._find_slide(runner, mode, sregs.idt.base)
-        result = state.unwinder.unwind(Registers(ip, regs.rsp, regs.rbp, cpl), mode, wide)
+        sp = regs.rsp
         counts = state.unwind_counts
+        if origin == ORIGIN_TIMER and cpl == 0 and wide and mode.long_mode:
+            interrupted = state.entries.interrupted(
+                ip, sp, sregs.idt.base, sregs.idt.limit, self._guest_reader(mode)
+            )
+            if interrupted is not None:  # charged to the code the interrupt stopped, see interrupt_entry
+                ip, sp, cpl = interrupted.ip, interrupted.sp, interrupted.cpl
+                state.interrupt_entry_samples += 1
+        result = state.unwinder.unwind(Registers(ip, sp, regs.rbp, cpl), mode, wide)
         counts[result.unwinder] = counts.get(result.unwinder, 0) + 1
         stop_key = f"{result.unwinder}: {result.stop}"
         counts[stop_key] = counts.get(stop_key, 0) + 1
@@ -261,16 +274,20 @@ class ProfileRecorder:
         if tracker is not None and cpl == 0 and ip >= _KERNEL_HALF and self.kernel is not None:
             slide = self.kernel.slide
             if slide is not None and not self.kernel.covers_text(ip):
-
-                def read_bytes(address: int, length: int) -> bytes | None:
-                    try:
-                        return read_virtual(self.machine.memory, mode, address, length)
-                    except GuestMemoryError:
-                        return None
-
                 with self._modules_lock:
-                    tracker.note(ip, read, read_bytes, slide)
+                    tracker.note(ip, read, self._guest_reader(mode), slide)
         return task
+
+    def _guest_reader(self, mode: PagingMode) -> Callable[[int, int], bytes | None]:
+        """Guest-virtual reads through ``mode``'s page tables; None where nothing is mapped."""
+
+        def read(address: int, length: int) -> bytes | None:
+            try:
+                return read_virtual(self.machine.memory, mode, address, length)
+            except GuestMemoryError:
+                return None
+
+        return read
 
     def _find_slide(self, runner: VcpuRunner, mode: PagingMode, idt_base: int) -> None:
         """Look for the KASLR slide on a few samples, then every 64th (it needs an MSR ioctl)."""
@@ -405,6 +422,7 @@ class ProfileRecorder:
                 totals[key] = totals.get(key, 0) + count
         for key, count in sorted(totals.items()):
             meta.extra[f"stacks.{key}"] = str(count)
+        meta.extra[INTERRUPT_ENTRY_KEY] = str(sum(s.interrupt_entry_samples for s in self._states.values()))
         if self.kernel_problem:
             meta.extra["kernel_tables"] = self.kernel_problem
         if self.kernel is not None:

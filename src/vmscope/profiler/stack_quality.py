@@ -7,6 +7,8 @@ from vmscope.profiler.model import Profile
 
 #: stop reasons that are a complete stack rather than a walk cut short
 COMPLETE_STOPS = frozenset({"end of stack", "user mode"})
+#: timer samples taken at an interrupt handler's first instruction, charged to the interrupted code
+INTERRUPT_ENTRY_KEY = "samples.interrupt_entry"
 
 
 def stack_quality(profile: Profile) -> dict[str, tuple[int, dict[str, int]]]:
@@ -39,4 +41,7 @@ def stack_quality_line(profile: Profile) -> str | None:
             reasons = ", ".join(f"{count} {reason}" for reason, count in ordered)
             text += f" ({sum(cut.values())} cut short: {reasons})"
         parts.append(text)
+    moved = profile.metadata.extra.get(INTERRUPT_ENTRY_KEY, "0")
+    if moved.isdigit() and int(moved):
+        parts.append(f"{moved} timer samples at an interrupt entry charged to the interrupted code")
     return f"stacks: {', '.join(parts)}" if parts else None
