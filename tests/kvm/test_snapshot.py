@@ -118,17 +118,25 @@ def pattern(seed: int, offset: int, length: int) -> bytes:
     return b"".join(struct.pack("<Q", seed << 48 | o) for o in range(offset, offset + length, 8))
 
 
-def test_blk_writes_in_flight_at_the_snapshot_all_land_exactly_once(tmp_path: Path) -> None:
+BLOCKS, SECTOR_START = 300, 16
+
+
+def blk_writer(tmp_path: Path, seed: int) -> tuple[Path, list[str]]:
+    """A filler-initialised 8 MiB image and the run arguments of the virtio test guest writing
+    BLOCKS blocks of ``pattern(seed, ...)`` from SECTOR_START, flushing, and reading them back."""
     guest = build_runtime_guest(
         "virtio-driver", [GUEST_SRC / "virtio_driver.c"], cflags=("-Wextra", "-Werror")
     )
     image = tmp_path / "disk.img"
     image.write_bytes(bytes([FILLER]) * (8 << 20))
-    blocks, sector, seed = 300, 16, 9
-    cmdline = f"mode=blk blocks={blocks} sector={sector} seed={seed}"
-    before, status, snap = run_then_snapshot(
-        tmp_path, ["--elf", str(guest), "--disk", str(image), "--cmdline", cmdline], after_output="capacity"
-    )
+    cmdline = f"mode=blk blocks={BLOCKS} sector={SECTOR_START} seed={seed}"
+    return image, ["--elf", str(guest), "--disk", str(image), "--cmdline", cmdline]
+
+
+def test_blk_writes_in_flight_at_the_snapshot_all_land_exactly_once(tmp_path: Path) -> None:
+    blocks, sector, seed = BLOCKS, SECTOR_START, 9
+    image, run_args = blk_writer(tmp_path, seed)
+    before, status, snap = run_then_snapshot(tmp_path, run_args, after_output="capacity")
     assert status == 0
     assert "blk: flushed" not in before  # saved while the writes were going on
     after = vmscope_cli("run", "--restore", str(snap))
@@ -148,18 +156,10 @@ def test_blk_writes_in_flight_at_the_snapshot_all_land_exactly_once(tmp_path: Pa
 def test_a_snapshot_without_stop_lets_the_io_threads_run_on_under_the_sandbox(tmp_path: Path) -> None:
     """Saving quiesces the virtio I/O threads and starts them again from the control thread;
     under the default seccomp sandbox they load their own filters again and serve on."""
-    guest = build_runtime_guest(
-        "virtio-driver", [GUEST_SRC / "virtio_driver.c"], cflags=("-Wextra", "-Werror")
-    )
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes([FILLER]) * (8 << 20))
-    blocks, sector, seed = 300, 16, 5
-    cmdline = f"mode=blk blocks={blocks} sector={sector} seed={seed}"
+    blocks, sector, seed = BLOCKS, SECTOR_START, 5
+    image, run_args = blk_writer(tmp_path, seed)
     before, status, snap = run_then_snapshot(
-        tmp_path,
-        ["--seccomp", "on", "--elf", str(guest), "--disk", str(image), "--cmdline", cmdline],
-        after_output="capacity",
-        stop=False,
+        tmp_path, ["--seccomp", "on", *run_args], after_output="capacity", stop=False
     )
     assert status == 33, before
     assert f"blk: read back {blocks} blocks OK" in before
