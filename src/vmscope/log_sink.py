@@ -188,7 +188,8 @@ class LogSink(logging.Handler):
                 break
         try:
             self._queue.put(None, timeout=timeout_s)
-            self._writer.join(timeout_s)
+            if self._writer.ident is not None:  # a Ctrl-C during start-up can interrupt start()
+                self._writer.join(timeout_s)
         except queue.Full:
             pass  # the writer is stuck on a pipe nobody reads; leave it, it is a daemon
         if not self._writer.is_alive() and self._fd is not None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
+import pytest
+
+from vmscope import log_sink
 from vmscope.log_sink import MAX_CAUSES, LogSink, RateLimitFilter
 
 
@@ -59,3 +63,16 @@ def test_logging_never_blocks_when_nobody_reads_the_pipe() -> None:
         os.close(read_end)  # the writer's next write fails with EPIPE and it stops
         sink.close(timeout_s=1.0)
         os.close(write_end)
+
+
+def test_closing_a_sink_whose_writer_never_started_does_not_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can interrupt the writer's start() during start-up; logging's atexit shutdown then
+    closes a sink whose thread never ran (it raised 'cannot join thread before it is started')."""
+
+    class NeverStarted(threading.Thread):
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(log_sink.threading, "Thread", NeverStarted)
+    sink = LogSink(queue_lines=4)
+    sink.close(timeout_s=0.1)
