@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+import subprocess
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         data["tests"][test] = {"outcome": outcome, "backend": backend}
     data["tests"] = dict(sorted(data["tests"].items()))
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted under tmp_path (needs root): a filesystem a test can fill up."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

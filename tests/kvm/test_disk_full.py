@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,9 @@ STATUS_IO_ERROR = 35  # debug_exit(0x11): a request completed with a non-OK stat
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-@pytest.fixture
-def full_filesystem(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def test_a_guest_on_a_full_host_filesystem_sees_ioerr(full_filesystem: Path) -> None:
+def test_a_guest_on_a_full_host_filesystem_sees_ioerr(small_tmpfs: Path) -> None:
     guest = build_runtime_guest("virtio-driver", [GUEST_SRC], cflags=("-Wextra", "-Werror"))
-    image = full_filesystem / "disk.img"
+    image = small_tmpfs / "disk.img"
     with open(image, "wb") as stream:
         stream.truncate(4 << 20)  # 4 MiB of sparse disk on 256 KiB of filesystem
     result = subprocess.run(

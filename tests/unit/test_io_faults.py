@@ -48,22 +48,11 @@ def memory() -> Iterator[GuestMemory]:
     ram.close()
 
 
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 @root_only
 def test_a_full_filesystem_gives_the_guest_ioerr_and_the_device_goes_on(
-    memory: GuestMemory, small_filesystem: Path, caplog: pytest.LogCaptureFixture
+    memory: GuestMemory, small_tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    image = small_filesystem / "disk.img"
+    image = small_tmpfs / "disk.img"
     with open(image, "wb") as stream:
         stream.truncate(2 << 20)  # sparse: 2 MiB of disk on a 256 KiB filesystem
     disk, driver = make(memory, image)
