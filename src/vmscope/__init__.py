@@ -14,8 +14,9 @@ See ``examples/`` for custom devices, exit hooks and profiling.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vmscope.lazy_exports import lazy_exports
 from vmscope.version import __version__
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
     "install_platform_devices",
 ]
 
-_EXPORTS = {
+EXPORTS = {
     "Device": "vmscope.devices.base",
     "InterruptLine": "vmscope.devices.base",
     "ExitEvent": "vmscope.vmm.hooks",
@@ -50,11 +51,5 @@ if TYPE_CHECKING:
     from vmscope.vmm.platform import install_platform_devices
 
 
-def __getattr__(name: str) -> Any:
-    """Import the public names lazily, so `import vmscope` stays cheap for the CLI."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vmscope' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+# imported on first use, so that `import vmscope` stays cheap for the CLI
+__getattr__ = lazy_exports(__name__, EXPORTS)

@@ -1,7 +1,5 @@
 """python -m vmscope"""
 
-import sys
+from vmscope.cli.main import entry_point
 
-from vmscope.cli.main import main
-
-sys.exit(main())
+entry_point()

@@ -22,7 +22,6 @@ from vmscope.devices.char_backends import (
     SerialBackend,
     SerialSpec,
     StdioBackend,
-    UnixSocketBackend,
     open_serial_backend,
     parse_serial_spec,
 )
@@ -69,6 +68,7 @@ from vmscope.devices.serial import (
     UART_WINDOW_LENGTH,
     Uart16550,
 )
+from vmscope.devices.socket_backend import UnixSocketBackend
 from vmscope.errors import ConfigError
 
 

@@ -6,8 +6,9 @@ not load the server and the machine behind it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vmscope.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from vmscope.control.client import ControlClient, ControlConnectionError, ControlError
@@ -20,16 +21,16 @@ if TYPE_CHECKING:
         attach_control_server,
     )
 
-_EXPORTS = {
-    "ControlClient": "client",
-    "ControlConnectionError": "client",
-    "ControlError": "client",
-    "COMMANDS": "server",
-    "MAX_READ_LENGTH": "server",
-    "MAX_REQUEST_BYTES": "server",
-    "ControlProtocol": "server",
-    "ControlServer": "server",
-    "attach_control_server": "server",
+EXPORTS = {
+    "ControlClient": ".client",
+    "ControlConnectionError": ".client",
+    "ControlError": ".client",
+    "COMMANDS": ".server",
+    "MAX_READ_LENGTH": ".server",
+    "MAX_REQUEST_BYTES": ".server",
+    "ControlProtocol": ".server",
+    "ControlServer": ".server",
+    "attach_control_server": ".server",
 }
 
 __all__ = [
@@ -45,8 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vmscope.control' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"vmscope.control.{module}"), name)
+__getattr__ = lazy_exports(__name__, EXPORTS)

@@ -25,10 +25,8 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import sys
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +35,6 @@ from typing import Literal
 from vmscope import sandbox
 from vmscope.errors import ConfigError
 from vmscope.host_thread import name_host_thread
-from vmscope.unix_socket import listen_unix, remove_socket_file
 
 log = logging.getLogger("vmscope.devices.serial")
 
@@ -50,9 +47,7 @@ SerialKind = Literal["stdio", "file", "unix", "none"]
 _SPEC_FORMS = "stdio, none, file:PATH or unix:PATH"
 # sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL
 _UNIX_PATH_MAX = 107
-_READ_CHUNK = 4096
-# how long a guest write may wait for a connected socket client that is not reading
-_SOCKET_SEND_PATIENCE_S = 0.25
+READ_CHUNK = 4096
 
 
 class SerialBackend(ABC):
@@ -76,7 +71,7 @@ class NullBackend(SerialBackend):
         pass
 
 
-class _Waker:
+class Waker:
     """A pipe a reader thread polls beside its input, so ``close`` can wake it up."""
 
     def __init__(self) -> None:
@@ -148,7 +143,7 @@ class StdioBackend(SerialBackend):
         self._output_fd = output_fd
         self._input_fd = _stdin_fd_if_not_interactive() if input_fd == "auto" else input_fd
         self._output_broken = False
-        self._waker: _Waker | None = None
+        self._waker: Waker | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -177,7 +172,7 @@ class StdioBackend(SerialBackend):
     def start(self, deliver: InputSink) -> None:
         if self._input_fd is None or self._thread is not None:
             return
-        self._waker = _Waker()
+        self._waker = Waker()
         self._thread = threading.Thread(
             target=self._read_loop,
             args=(self._input_fd, self._waker, deliver),
@@ -187,12 +182,12 @@ class StdioBackend(SerialBackend):
         self._thread.start()
 
     @staticmethod
-    def _read_loop(fd: int, waker: _Waker, deliver: InputSink) -> None:
+    def _read_loop(fd: int, waker: Waker, deliver: InputSink) -> None:
         name_host_thread()
         sandbox.enter_or_log("io")
         while waker.wait_readable(fd):
             try:
-                chunk = os.read(fd, _READ_CHUNK)
+                chunk = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 continue
             except OSError as error:
@@ -202,12 +197,12 @@ class StdioBackend(SerialBackend):
                 return
 
     def close(self) -> None:
-        _stop_reader(self._thread, self._waker)
+        stop_reader(self._thread, self._waker)
         self._thread = None
         self._waker = None
 
 
-def _stop_reader(thread: threading.Thread | None, waker: _Waker | None) -> None:
+def stop_reader(thread: threading.Thread | None, waker: Waker | None) -> None:
     if waker is None:
         return
     waker.wake()
@@ -249,133 +244,6 @@ class FileBackend(SerialBackend):
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-
-
-class UnixSocketBackend(SerialBackend):
-    """A listening UNIX stream socket; one client at a time sees output and provides input.
-
-    Output while no client is connected is dropped and counted in :attr:`dropped_bytes`. A
-    connected client that stops reading delays one guest write by at most a quarter second;
-    from then on output that does not fit in the socket buffer is dropped at once, until a
-    write goes through whole again: the guest must never stall on a client.
-    """
-
-    def __init__(self, path: str, option: str = "serial") -> None:
-        """``option`` names the setting in errors ("serial", "console")."""
-        self.path = path
-        self.dropped_bytes = 0
-        # owner only, like the control socket: the guest's console is no one else's business
-        self._listener, self._identity = listen_unix(path, f"{option} unix:{path}", backlog=1, private=True)
-        self._client: socket.socket | None = None
-        self._congested = False  # the last write timed out; do not wait for this client again
-        self._connected = threading.Event()
-        self._stopping = False
-        self._waker: _Waker | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None
-
-    def wait_connected(self, timeout: float) -> bool:
-        """Wait until a client is being served (for callers that must not lose early output)."""
-        return self._connected.wait(timeout)
-
-    def start(self, deliver: InputSink) -> None:
-        if self._thread is not None:
-            return
-        self._waker = _Waker()
-        self._thread = threading.Thread(
-            target=self._serve, args=(self._waker, deliver), name=f"serial-unix:{self.path}", daemon=True
-        )
-        self._thread.start()
-
-    def _serve(self, waker: _Waker, deliver: InputSink) -> None:
-        name_host_thread()
-        sandbox.enter_or_log("control")  # accepts clients on its listening socket
-        listener = self._listener
-        while not self._stopping and waker.wait_readable(listener.fileno()):
-            try:
-                client, _ = listener.accept()
-            except OSError:  # the client gave up between poll and accept
-                continue
-            self._client = client
-            self._congested = False
-            self._connected.set()
-            try:
-                self._pump(client, waker, deliver)
-            finally:
-                self._connected.clear()
-                self._client = None
-                client.close()
-
-    def _pump(self, client: socket.socket, waker: _Waker, deliver: InputSink) -> None:
-        while waker.wait_readable(client.fileno()):
-            try:
-                chunk = client.recv(_READ_CHUNK)
-            except OSError:
-                return
-            if not chunk:
-                return
-            if not deliver(chunk):
-                self._stopping = True
-                return
-
-    def write(self, data: bytes) -> None:
-        client = self._client
-        if client is None:
-            self.dropped_bytes += len(data)
-            return
-        try:
-            sent = client.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._hang_up(client)
-            self.dropped_bytes += len(data)
-            return
-        if sent == len(data):
-            self._congested = False
-        elif self._congested:
-            self.dropped_bytes += len(data) - sent
-        else:
-            self._send_rest(client, memoryview(data)[sent:])
-
-    def _send_rest(self, client: socket.socket, rest: memoryview) -> None:
-        deadline = time.monotonic() + _SOCKET_SEND_PATIENCE_S
-        while rest:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                _, writable, _ = select.select([], [client], [], remaining)
-                if writable:
-                    rest = rest[client.send(rest, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) :]
-            except BlockingIOError:
-                continue
-            except (OSError, ValueError):
-                self._hang_up(client)
-                break
-        if rest:
-            self._congested = True
-            self.dropped_bytes += len(rest)
-
-    @staticmethod
-    def _hang_up(client: socket.socket) -> None:
-        """Shut a dead client down; the serving thread sees EOF and closes it."""
-        with contextlib.suppress(OSError):
-            client.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stopping = True
-        _stop_reader(self._thread, self._waker)
-        self._thread = None
-        self._waker = None
-        client = self._client
-        if client is not None:
-            self._hang_up(client)
-        self._listener.close()
-        remove_socket_file(self.path, self._identity)
 
 
 @dataclass(frozen=True)
@@ -429,4 +297,6 @@ def open_serial_backend(spec: SerialSpec | str, option: str = "serial") -> Seria
         raise ConfigError(f"{option} {parsed.kind}: needs a path")
     if parsed.kind == "file":
         return FileBackend(parsed.path, option)
+    from vmscope.devices.socket_backend import UnixSocketBackend  # sockets only when asked for
+
     return UnixSocketBackend(parsed.path, option)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 
 from vmscope.devices.base import Device
 from vmscope.devices.state import StateReader
@@ -196,24 +195,24 @@ class Cmos(Device):
         return 0
 
     def _time_field(self, index: int) -> int:
-        now = datetime.fromtimestamp(self._clock_ns() // _NS_PER_S, UTC)
+        now = time.gmtime(self._clock_ns() // _NS_PER_S)  # UTC; time, not datetime: start-up cost
         if index == RTC_SECONDS:
-            return self._encode(now.second)
+            return self._encode(now.tm_sec)
         if index == RTC_MINUTES:
-            return self._encode(now.minute)
+            return self._encode(now.tm_min)
         if index == RTC_HOURS:
             if self._ram[RTC_REG_B] & REG_B_24_HOUR:
-                return self._encode(now.hour)
-            return self._encode(now.hour % 12 or 12) | (HOUR_PM if now.hour >= 12 else 0)
+                return self._encode(now.tm_hour)
+            return self._encode(now.tm_hour % 12 or 12) | (HOUR_PM if now.tm_hour >= 12 else 0)
         if index == RTC_DAY_OF_WEEK:
-            return self._encode((now.weekday() + 1) % 7 + 1)  # Python's Monday=0 -> RTC's Sunday=1
+            return self._encode((now.tm_wday + 1) % 7 + 1)  # Monday=0 -> RTC's Sunday=1
         if index == RTC_DAY_OF_MONTH:
-            return self._encode(now.day)
+            return self._encode(now.tm_mday)
         if index == RTC_MONTH:
-            return self._encode(now.month)
+            return self._encode(now.tm_mon)
         if index == RTC_YEAR:
-            return self._encode(now.year % 100)
-        return self._encode(now.year // 100)  # CMOS_CENTURY
+            return self._encode(now.tm_year % 100)
+        return self._encode(now.tm_year // 100)  # CMOS_CENTURY
 
     def _encode(self, value: int) -> int:
         if self._ram[RTC_REG_B] & REG_B_BINARY:

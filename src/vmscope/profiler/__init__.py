@@ -8,8 +8,9 @@ must not pay for symbolization (pyelftools) and the profile file at start-up.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vmscope.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from vmscope.profiler.histogram import LatencyHistogram
@@ -24,21 +25,21 @@ if TYPE_CHECKING:
     from vmscope.profiler.profile_file import ProfileFormatError, load, save
     from vmscope.symbols import Symbol, SymbolFileError, Symbolizer, SymbolTable
 
-_EXPORTS = {
-    "LatencyHistogram": "histogram",
-    "ExitStat": "model",
-    "Profile": "model",
-    "ProfileMetadata": "model",
-    "Sample": "model",
-    "Span": "model",
-    "UnclaimedAccess": "model",
-    "ProfileFormatError": "profile_file",
-    "load": "profile_file",
-    "save": "profile_file",
-    "Symbol": "symbols",
-    "SymbolFileError": "symbols",
-    "Symbolizer": "symbols",
-    "SymbolTable": "symbols",
+EXPORTS = {
+    "LatencyHistogram": ".histogram",
+    "ExitStat": ".model",
+    "Profile": ".model",
+    "ProfileMetadata": ".model",
+    "Sample": ".model",
+    "Span": ".model",
+    "UnclaimedAccess": ".model",
+    "ProfileFormatError": ".profile_file",
+    "load": ".profile_file",
+    "save": ".profile_file",
+    "Symbol": ".symbols",
+    "SymbolFileError": ".symbols",
+    "Symbolizer": ".symbols",
+    "SymbolTable": ".symbols",
 }
 
 __all__ = [
@@ -59,8 +60,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vmscope.profiler' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"vmscope.profiler.{module}"), name)
+__getattr__ = lazy_exports(__name__, EXPORTS)

@@ -8,7 +8,6 @@ compiles the rules to BPF; nothing here assembles BPF by hand.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 from vmscope.errors import ConfigError
@@ -43,9 +42,9 @@ class _ArgCmp(ctypes.Structure):
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    # The soname directly: ctypes.util.find_library would run ldconfig in a subprocess (start-up time)
     try:
-        library = ctypes.CDLL(name, use_errno=True)
+        library = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
         raise ConfigError(
             "--seccomp: libseccomp.so.2 is not installed (apt-get install libseccomp2), or use --seccomp off"
@@ -88,8 +87,13 @@ def syscall_name(number: int) -> str:
     if not pointer:
         return f"syscall {number}"
     name = ctypes.string_at(pointer).decode()
-    ctypes.CDLL(None).free(ctypes.c_void_p(pointer))
+    _libc().free(ctypes.c_void_p(pointer))
     return name
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 class Filter:

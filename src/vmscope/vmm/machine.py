@@ -26,10 +26,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from vmscope import sandbox
 from vmscope.arch.x86 import cpuid as cpuid_policy
-from vmscope.arch.x86.acpi import build_acpi_tables
-from vmscope.arch.x86.cpu_state import CpuMode
-from vmscope.arch.x86.e820 import E820Entry
-from vmscope.arch.x86.mptable import build_mptable
 from vmscope.bus import MmioBus, PioBus
 from vmscope.devices.base import Device, InterruptLine
 from vmscope.errors import ConfigError, KvmError
@@ -39,22 +35,25 @@ from vmscope.kvm import structs as s
 from vmscope.kvm.constants import INTERNAL_ERROR_EMULATION, ExitReason
 from vmscope.kvm.exits import RareExit, decode_rare_exit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
-from vmscope.loader import GuestKind, LoadedGuest, is_linux_kernel, is_pvh_elf, load_guest
-from vmscope.loader.bzimage import is_bzimage
+from vmscope.loader.base import LoadedGuest
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
-from vmscope.memory.paging import PagingMode, read_virtual, write_virtual
 from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
-from vmscope.vmm.cpu_steering import features_to_hide, host_cpu_flags, with_clearcpuid
-from vmscope.vmm.crash import CrashReport, build_crash_report
 from vmscope.vmm.entry_state import apply_entry_state
 from vmscope.vmm.hooks import ExitEvent, ExitHook, ExitHooks
 from vmscope.vmm.interrupts import KvmIrqLine
 from vmscope.vmm.rare_exits import RareExitHandlers
 from vmscope.vmm.runner import VcpuRunner, install_kick_handler
 
-if TYPE_CHECKING:  # imported where used: most runs need neither (start-up time, issue 15)
+# Imported where used (start-up time, issue 15): loaders and firmware tables only by load(), which a
+# restored machine never calls; paging, crash reports, PCI and the fallback emulator on demand.
+if TYPE_CHECKING:
+    from vmscope.arch.x86.cpu_state import CpuMode
+    from vmscope.arch.x86.e820 import E820Entry
+    from vmscope.loader import GuestKind
+    from vmscope.memory.paging import PagingMode
     from vmscope.virtio.pci_attach import PciPlatform
+    from vmscope.vmm.crash import CrashReport
     from vmscope.vmm.fallback import FallbackEmulator
 
 log = logging.getLogger("vmscope.machine")
@@ -311,14 +310,20 @@ class Machine:
         self.memory.write(address, data)
 
     def _paging_mode(self, vcpu: int) -> PagingMode:
+        from vmscope.memory.paging import PagingMode
+
         sregs = self._stopped_vcpu(vcpu).get_sregs()
         return PagingMode.from_sregs(sregs)
 
     def read_virtual(self, address: int, length: int, *, vcpu: int = 0) -> bytes:
         """Read through ``vcpu``'s page tables (the VM must be paused or not yet started)."""
+        from vmscope.memory.paging import read_virtual
+
         return read_virtual(self.memory, self._paging_mode(vcpu), address, length)
 
     def write_virtual(self, address: int, data: bytes, *, vcpu: int = 0) -> None:
+        from vmscope.memory.paging import write_virtual
+
         write_virtual(self.memory, self._paging_mode(vcpu), address, data)
 
     def _stopped_vcpu(self, vcpu: int) -> Vcpu:
@@ -378,6 +383,11 @@ class Machine:
             raise ConfigError(
                 f"decompress={decompress!r}: expected one of {', '.join(DECOMPRESSION_CHOICES)}"
             )
+        from vmscope.arch.x86.acpi import build_acpi_tables
+        from vmscope.arch.x86.mptable import build_mptable
+        from vmscope.loader import is_pvh_elf, load_guest
+        from vmscope.loader.bzimage import is_bzimage
+
         on_host = decompress == "vmm" or (decompress == "auto" and self.kvm.backend == "kvm_pvm")
         rsdp_address = 0
         reserved: Sequence[E820Entry] = ()
@@ -416,6 +426,9 @@ class Machine:
 
     def _steer_linux_away_from_unemulated_features(self, path: Path, cmdline: str) -> str:
         """On kvm_pvm hosts, clearcpuid= for a Linux kernel (see vmm.cpu_steering)."""
+        from vmscope.loader import is_linux_kernel
+        from vmscope.vmm.cpu_steering import features_to_hide, host_cpu_flags, with_clearcpuid
+
         if not is_linux_kernel(path):
             return cmdline
         hidden = features_to_hide(host_cpu_flags())
@@ -617,6 +630,8 @@ class Machine:
                 fallback_note = (
                     f"vmscope's fallback emulator could not complete it either: {unsupported.reason}"
                 )
+        from vmscope.vmm.crash import CrashReport, build_crash_report
+
         try:
             report = build_crash_report(
                 vcpu.id,

@@ -16,18 +16,17 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmscope.devices.char_backends import open_serial_backend
 from vmscope.errors import ConfigError
-from vmscope.virtio.attach import VirtioMmioAttachment, attach_virtio_mmio, virtio_mmio_slot
-from vmscope.virtio.block import VirtioBlock
-from vmscope.virtio.console import VirtioConsole
-from vmscope.virtio.device import VirtioDevice
-from vmscope.virtio.net import VirtioNet
-from vmscope.virtio.net_backends import open_net_backend
-from vmscope.virtio.pci_attach import VirtioPciAttachment, attach_virtio_pci
-from vmscope.virtio.rng import VirtioRng
-from vmscope.vmm.machine import Machine
+
+# Device models are imported for the devices a guest has: `vmscope run` with none must not pay
+# for them at start-up (issue 15).
+if TYPE_CHECKING:
+    from vmscope.virtio.attach import VirtioMmioAttachment
+    from vmscope.virtio.device import VirtioDevice
+    from vmscope.virtio.pci_attach import VirtioPciAttachment
+    from vmscope.vmm.machine import Machine
 
 TRANSPORTS = ("mmio", "pci")
 
@@ -84,9 +83,13 @@ def _attach(
     machine: Machine, device: VirtioDevice, transport: str | None, iothreads: bool
 ) -> VirtioMmioAttachment | VirtioPciAttachment:
     if transport == "pci":
+        from vmscope.virtio.pci_attach import attach_virtio_pci
+
         pci_attachment = attach_virtio_pci(machine, device, iothreads=iothreads)
         machine.virtio_attachments.append(pci_attachment)
         return pci_attachment
+    from vmscope.virtio.attach import attach_virtio_mmio, virtio_mmio_slot
+
     base, gsi = virtio_mmio_slot(len(machine.firmware.collect().virtio_mmio))
     attachment = attach_virtio_mmio(machine, device, base=base, gsi=gsi, iothreads=iothreads, trigger="level")
     machine.firmware.add(attachment)
@@ -111,22 +114,32 @@ def install_virtio_devices(
     """
     attached: list[VirtioMmioAttachment | VirtioPciAttachment] = []
     for index, text in enumerate(disks):
+        from vmscope.virtio.block import VirtioBlock
+
         spec = parse_disk_spec(text)
         disk = VirtioBlock(
             machine.memory, spec.path, read_only=spec.readonly, serial=spec.serial, name=f"virtio-blk{index}"
         )
         attached.append(_attach(machine, disk, spec.transport or default_transport, iothreads))
     for index, text in enumerate(nets):
+        from vmscope.virtio.net import VirtioNet
+        from vmscope.virtio.net_backends import open_net_backend
+
         backend_spec, _, mac_option = text.partition(",mac=")
         backend = open_net_backend(backend_spec)
         net = VirtioNet(machine.memory, backend, mac=mac_option or None, name=f"virtio-net{index}")
         attached.append(_attach(machine, net, default_transport, iothreads))
     if console is not None:
+        from vmscope.devices.char_backends import open_serial_backend
+        from vmscope.virtio.console import VirtioConsole
+
         device = VirtioConsole(
             machine.memory, open_serial_backend(console, "console"), name="virtio-console0"
         )
         attached.append(_attach(machine, device, default_transport, iothreads))
     if rng:
+        from vmscope.virtio.rng import VirtioRng
+
         attached.append(
             _attach(machine, VirtioRng(machine.memory, name="virtio-rng0"), default_transport, iothreads)
         )

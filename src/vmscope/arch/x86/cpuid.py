@@ -10,7 +10,6 @@ KVM's paravirt leaves move to 0x40000100, where Linux still finds them (it scans
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -228,6 +227,8 @@ def canonical_feature_name(name: str) -> str | None:
 
 def _close_names(name: str) -> str:
     known = sorted([*FEATURES, *ALIASES])
+    import difflib  # only for this error message
+
     close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.3)
