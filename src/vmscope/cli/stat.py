@@ -7,7 +7,6 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from vmscope import log_sink
 from vmscope.cli.record import add_events_argument, counter_session, merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.options import EVENT_CLASSES, EXIT_SORT_KEYS
@@ -58,6 +57,7 @@ def symbol_tables(machine: Machine, paths: list[Path]) -> list[SymbolTable]:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope import log_sink
     from vmscope.profiler.counter_report import render_counters
     from vmscope.profiler.report import ReportOptions, make_console, render_emulated, render_kvm_stat
 
