@@ -26,11 +26,13 @@ from pathlib import Path, PurePosixPath
 from vmscope.errors import ConfigError
 from vmscope.file_limits import MAX_INITRAMFS_FILE_BYTES, read_bounded
 
+# defined where the CLI's parser can read them without importing this module; re-exported here
+from vmscope.initramfs_defaults import DEFAULT_BUSYBOX as DEFAULT_BUSYBOX
+from vmscope.initramfs_defaults import INSTALL_HINT as INSTALL_HINT
+from vmscope.initramfs_defaults import READY_MARKER as READY_MARKER
+
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"
-DEFAULT_BUSYBOX = Path("/bin/busybox")
-READY_MARKER = "vmscope-initramfs: ready"
-INSTALL_HINT = "apt-get install busybox-static"
 
 DIRECTORIES = ("bin", "sbin", "dev", "proc", "sys", "etc", "tmp", "root")
 #: (path, major, minor, permissions)

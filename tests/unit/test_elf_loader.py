@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from tests.unit.rigs.elf_images import EM_386, EM_AARCH64, EM_X86_64, PT_NOTE, PT_PHDR, Seg, build_elf
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.layout import GDT_ADDRESS
 from vmscope.arch.x86.modes import CODE32_SELECTOR, CODE64_SELECTOR
@@ -19,59 +19,6 @@ from vmscope.errors import ConfigError, ImageFormatError
 from vmscope.loader import load_guest
 from vmscope.loader.elf import load_elf
 from vmscope.memory.guest_memory import GuestMemory
-
-PT_LOAD, PT_NOTE, PT_PHDR = 1, 4, 6
-EM_386, EM_X86_64, EM_AARCH64 = 3, 62, 183
-ET_EXEC, ET_REL = 2, 1
-
-
-@dataclass
-class Seg:
-    paddr: int
-    data: bytes
-    memsz: int | None = None
-    vaddr: int | None = None
-    type: int = PT_LOAD
-    flags: int = 5
-    align: int = 4
-
-
-def build_elf(
-    segments: Sequence[Seg],
-    entry: int,
-    elf_class: int = 64,
-    machine: int | None = None,
-    e_type: int = ET_EXEC,
-) -> bytes:
-    """A minimal little-endian ELF: header, program headers, then each segment's bytes."""
-    if machine is None:
-        machine = EM_X86_64 if elf_class == 64 else EM_386
-    ehsize, phentsize = (64, 56) if elf_class == 64 else (52, 32)
-    data_offset = ehsize + phentsize * len(segments)
-    offsets = []
-    blob = b""
-    for seg in segments:
-        offsets.append(data_offset + len(blob))
-        blob += seg.data + bytes(-len(seg.data) % 8)
-    ident = b"\x7fELF" + bytes([2 if elf_class == 64 else 1, 1, 1]) + bytes(9)
-    header_format = "<HHIQQQIHHHHHH" if elf_class == 64 else "<HHIIIIIHHHHHH"
-    shentsize = 64 if elf_class == 64 else 40
-    # e_phoff is right after the header; no section headers (e_shoff 0, e_shnum 0).
-    fields = (e_type, machine, 1, entry, ehsize, 0, 0, ehsize, phentsize, len(segments), shentsize, 0, 0)
-    header = ident + struct.pack(header_format, *fields)
-    phdrs = b""
-    for seg, offset in zip(segments, offsets, strict=True):
-        vaddr = seg.paddr if seg.vaddr is None else seg.vaddr
-        memsz = len(seg.data) if seg.memsz is None else seg.memsz
-        if elf_class == 64:
-            phdrs += struct.pack(
-                "<IIQQQQQQ", seg.type, seg.flags, offset, vaddr, seg.paddr, len(seg.data), memsz, seg.align
-            )
-        else:
-            phdrs += struct.pack(
-                "<IIIIIIII", seg.type, offset, vaddr, seg.paddr, len(seg.data), memsz, seg.flags, seg.align
-            )
-    return header + phdrs + blob
 
 
 def write(tmp_path: Path, name: str, content: bytes) -> Path:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from vmscope.control.client import ControlClient
 from vmscope.errors import ConfigError
+
+# json and the control client (socket) are imported by the functions that use them, not for
+# `vmscope ctl --help` (start-up time, issue 15)
 
 EPILOG = """\
 arguments are KEY=VALUE; values that read as numbers (also 0x hex), true/false or JSON are sent
@@ -50,6 +51,8 @@ def parse_value(text: str) -> Any:
         if math.isfinite(number):
             return number
     if text[:1] in ('"', "[", "{"):
+        import json
+
         try:
             return json.loads(text)
         except ValueError:
@@ -80,6 +83,10 @@ def handle(args: argparse.Namespace) -> int:
             pairs.append("stop=true")
     elif args.stop:
         raise ConfigError("--stop applies to the snapshot command only")
+    import json
+
+    from vmscope.control.client import ControlClient
+
     arguments = parse_arguments(pairs)
     with ControlClient(args.socket, timeout=args.timeout) as client:
         result = client.call(args.control_command, **arguments)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vmscope.errors import ConfigError
-from vmscope.initramfs import DEFAULT_BUSYBOX, INSTALL_HINT, READY_MARKER, build_initramfs
+from vmscope.initramfs_defaults import DEFAULT_BUSYBOX, INSTALL_HINT, READY_MARKER
 
 EPILOG = f"""\
 examples:
@@ -26,6 +26,8 @@ def _parse_addition(text: str) -> tuple[Path, str]:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope.initramfs import build_initramfs  # not for --help: start-up time, issue 15
+
     init_script = None
     if args.init is not None:
         try:

@@ -23,12 +23,25 @@ examples:
 """
 
 
-#: subcommand name -> module in this package (imported only when needed: start-up time matters)
-SUBCOMMANDS = ("run", "stat", "record", "report", "diff", "initramfs", "ctl", "top")
+#: subcommand name (and module in this package) -> its line in `vmscope --help`. The lines are
+#: kept here so that the top-level help and the "invalid choice" error import no subcommand module
+#: (start-up time, issue 15); tests/unit/test_cli.py checks they are the ones each module registers.
+SUBCOMMANDS: dict[str, str] = {
+    "run": "boot a guest and run it until it exits",
+    "stat": "run a guest and print exit statistics (like perf kvm stat)",
+    "record": "run a guest under the profiler and write a profile file",
+    "report": "show or export a recorded profile",
+    "diff": "compare two profiles",
+    "initramfs": "build an initramfs (newc cpio, gzip unless --no-compress) with busybox and an /init script",
+    "ctl": "send a command to a running VM's control socket",
+    "top": "live view of a running VM's exits (like kvm_stat)",
+}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The parser; with a subcommand in ``argv`` only that subcommand's module is imported."""
+    """The parser for the arguments ``argv``: with a subcommand in them, only that subcommand's
+    module is imported and registered; without one, every subcommand is there by name and help
+    line only, which is all ``vmscope --help`` and an "invalid choice" error show."""
     import argparse
     import importlib
 
@@ -41,8 +54,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     requested = next((word for word in argv if not word.startswith("-")), None)
-    for name in [requested] if requested in SUBCOMMANDS else SUBCOMMANDS:
-        importlib.import_module(f"vmscope.cli.{name}").register(subparsers)
+    if requested in SUBCOMMANDS:
+        importlib.import_module(f"vmscope.cli.{requested}").register(subparsers)
+    else:  # no subcommand or a typo: names and help lines are all --help and the error need
+        for name, help_line in SUBCOMMANDS.items():
+            subparsers.add_parser(name, help=help_line)
     return parser
 
 
@@ -55,14 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)  # --help and usage errors end here
+    # imported after parsing: --help and usage errors need none of them (start-up time, issue 15)
     import logging
 
     from vmscope import log_sink
     from vmscope.errors import VmscopeError
 
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(arguments)
-    args = parser.parse_args(arguments)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     if not hasattr(args, "func"):
         parser.print_help()

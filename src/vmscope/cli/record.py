@@ -13,7 +13,6 @@ from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 
 if TYPE_CHECKING:
     from vmscope.profiler.counters import CounterSession
-    from vmscope.vmm.machine import Machine
 
 EPILOG = f"""\
 Samples come from exits the guest makes anyway and, for vCPUs that do not exit during a
@@ -65,6 +64,7 @@ def counter_session(args: argparse.Namespace, poll_interval_s: float = 0.0) -> C
 def handle(args: argparse.Namespace) -> int:
     from vmscope.profiler import profile_file
     from vmscope.profiler.counters import DEFAULT_POLL_INTERVAL_S
+    from vmscope.profiler.guest_symbols import stock_kernel_image
     from vmscope.profiler.recorder import ProfileRecorder
 
     args = merge_run_arguments(args, "vmscope record")
@@ -79,7 +79,7 @@ def handle(args: argparse.Namespace) -> int:
             frequency_hz=args.frequency,
             max_depth=args.max_depth,
             symbol_files=args.symbols,
-            kernel_image=_stock_kernel(args.kernel, machine),
+            kernel_image=stock_kernel_image(args.kernel, machine.guest),
         )
         recorder.profile.metadata.command_line = ["vmscope", *sys.argv[1:]]
         recorder.profile.metadata.kernel_command_line = args.cmdline
@@ -105,24 +105,6 @@ def handle(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return result.exit_status
-
-
-def _stock_kernel(kernel: Path | None, machine: Machine) -> Path | None:
-    """A Linux image whose own kallsyms/ORC tables the recorder should read: any bzImage, and a
-    PVH vmlinux without an ELF symbol table (distribution kernels ship them stripped)."""
-    if kernel is None or machine.guest is None:
-        return None
-    if machine.guest.kind.startswith("bzImage"):
-        return kernel
-    if machine.guest.kind == "PVH ELF":
-        from vmscope.errors import VmscopeError
-        from vmscope.symbols import load_elf_symbols
-
-        try:
-            load_elf_symbols(kernel)
-        except VmscopeError:
-            return kernel
-    return None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.errors import ConfigError
 
-# The machine, loaders and devices are imported when a guest is built, not when the parser
-# is: `vmscope run --help` must not load them (start-up time, issue 15).
+# The machine, loaders and devices (and dataclasses, which costs ~10 ms to import) are imported
+# when a guest is built, not when the parser is: `vmscope run --help` must not load them
+# (start-up time, issue 15).
 if TYPE_CHECKING:
-    from vmscope.loader import LoadedGuest
     from vmscope.vmm.machine import Machine, RunResult
 
 EPILOG = """\
@@ -35,6 +33,9 @@ examples:
 
 #: see vmscope.sandbox; the whole test suite passes with "on"
 DEFAULT_SECCOMP = "on"
+#: the values of vmscope.arch.x86.cpu_state.CpuMode, spelled out so that the parser does not import
+#: that module (tests/unit/test_cli.py checks they match)
+FLAT_MODES = ("real", "protected", "long")
 
 
 def _int(text: str) -> int:
@@ -66,7 +67,7 @@ def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     choice.add_argument(
         "--flat", type=Path, metavar="FILE", help="a flat binary (needs --mode, --load-address)"
     )
-    image.add_argument("--mode", choices=[m.value for m in CpuMode], help="entry mode of a flat binary")
+    image.add_argument("--mode", choices=FLAT_MODES, help="entry mode of a flat binary")
     image.add_argument("--load-address", type=_int, metavar="ADDR", help="where a flat binary is loaded")
     image.add_argument(
         "--entry", type=_int, metavar="ADDR", help="entry of a flat binary (default: load address)"
@@ -168,7 +169,7 @@ def _restore_machine(args: argparse.Namespace) -> Machine:
     overrides = BackendOverrides(serial=args.serial, console=args.console, disks=args.disk, nets=args.net)
     machine = restore_machine(args.restore, overrides)
     if args.symbols:
-        machine.symbolize = symbolizer_for(args.symbols, machine.guest)
+        machine.symbolize = symbolizer_for(machine, args.symbols)
     return machine
 
 
@@ -179,6 +180,9 @@ def build_machine(args: argparse.Namespace) -> Machine:
     sandbox.configure(args.seccomp)
     if args.restore is not None:
         return _restore_machine(args)
+    import dataclasses
+
+    from vmscope.arch.x86.cpu_state import CpuMode
     from vmscope.loader.bzimage import is_bzimage
     from vmscope.memory.guest_memory import parse_size
     from vmscope.vmm.assemble import assemble_machine
@@ -222,22 +226,44 @@ def build_machine(args: argparse.Namespace) -> Machine:
         if guest is not None:  # what a snapshot needs to describe the image it continues
             symbol_file = str(guest.symbol_file.absolute()) if guest.symbol_file is not None else None
             machine.config = dataclasses.replace(config, guest_image=symbol_file, guest_kind=guest.kind)
-        if args.symbols:
-            machine.symbolize = symbolizer_for(args.symbols, machine.guest)
+        if args.symbols or args.kernel is not None:  # a stock kernel names its code by kallsyms
+            machine.symbolize = symbolizer_for(machine, args.symbols, args.kernel)
     except BaseException:
         machine.close()
         raise
     return machine
 
 
-def symbolizer_for(paths: list[Path], guest: LoadedGuest | None) -> Callable[[int], str | None]:
-    """'function+0xoff [module]' lookups over the given symbol files and the guest image."""
+def symbolizer_for(
+    machine: Machine, paths: list[Path], kernel: Path | None = None
+) -> Callable[[int], str | None]:
+    """'function+0xoff [module]' lookups for crash reports over :func:`guest_symbol_tables`.
+
+    ``--symbols`` files (``paths``) are read now, so an unreadable one is an error before the run.
+    Without them, the guest's own symbols, and a stock kernel's kallsyms when ``kernel`` is one, are
+    read at the first crash: decompressing a bzImage takes a second, and the slide is found from
+    the crashing vCPU's state on its own thread.
+    """
+    from vmscope.profiler.guest_symbols import guest_symbol_tables, stock_kernel_image
     from vmscope.symbols import Symbolizer
 
-    files = list(paths)
-    if guest is not None and guest.symbol_file is not None:
-        files.append(guest.symbol_file)
-    return Symbolizer.from_files(files).name_and_offset
+    if paths:
+        return Symbolizer(guest_symbol_tables(machine, paths)).name_and_offset
+    loaded: list[Callable[[int], str | None]] = []
+
+    def symbolize(address: int) -> str | None:
+        if not loaded:
+            try:
+                tables = guest_symbol_tables(machine, (), stock_kernel_image(kernel, machine.guest))
+            except Exception as error:  # a crash report must come out without names too
+                import logging
+
+                logging.getLogger("vmscope.cli").debug("no symbols for the crash report: %s", error)
+                tables = []
+            loaded.append(Symbolizer(tables).name_and_offset)
+        return loaded[0](address)
+
+    return symbolize
 
 
 def report_result(result: RunResult, quiet: bool = False) -> None:

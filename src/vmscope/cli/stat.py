@@ -7,16 +7,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from vmscope import log_sink
 from vmscope.cli.record import add_events_argument, counter_session, merge_run_arguments
 from vmscope.cli.run import add_machine_arguments, build_machine, report_result, run_with_control
 from vmscope.profiler.options import EVENT_CLASSES, EXIT_SORT_KEYS
 
 if TYPE_CHECKING:  # imported by the handlers: --help must not load the machine
-    from pathlib import Path
-
     from vmscope.profiler.model import Profile
-    from vmscope.symbols import SymbolTable
     from vmscope.vmm.machine import Machine
 
 EPILOG = """\
@@ -39,25 +35,21 @@ def snapshot(machine: Machine) -> Profile:
     return profile
 
 
-def symbol_tables(machine: Machine, paths: list[Path]) -> list[SymbolTable]:
-    """Tables of the guest image and ``--symbols`` files; one that cannot be read is left out
-    (the table then shows addresses only)."""
-    from vmscope.errors import VmscopeError
-    from vmscope.symbols import load_symbol_file
+def finished_profile(machine: Machine, args: argparse.Namespace, duration_s: float) -> Profile:
+    """The run's final statistics, its emulated instructions named as record's profile would name
+    them (call before ``machine.close()``: a stock kernel's slide is found in guest memory)."""
+    from vmscope.profiler.guest_symbols import guest_symbol_tables, stock_kernel_image
 
-    files = list(paths)
-    if machine.guest is not None and machine.guest.symbol_file is not None:
-        files.insert(0, machine.guest.symbol_file)
-    tables: list[SymbolTable] = []
-    for path in dict.fromkeys(files):
-        try:
-            tables.extend(load_symbol_file(path))
-        except VmscopeError:
-            continue
-    return tables
+    profile = snapshot(machine)
+    profile.metadata.duration_ns = round(duration_s * 1e9)  # the emulated share's base
+    if profile.emulated:  # the only per-guest-address table stat prints
+        kernel = stock_kernel_image(args.kernel, machine.guest)
+        profile.symbol_tables = guest_symbol_tables(machine, args.symbols, kernel)
+    return profile
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vmscope import log_sink
     from vmscope.profiler.counter_report import render_counters
     from vmscope.profiler.report import ReportOptions, make_console, render_emulated, render_kvm_stat
 
@@ -85,10 +77,7 @@ def handle(args: argparse.Namespace) -> int:
         stop_printing.set()
         if printer is not None:
             printer.join()
-        profile = snapshot(machine)
-        profile.metadata.duration_ns = round(result.duration_s * 1e9)  # the emulated share's base
-        if profile.emulated:  # name the functions they lie in, as record's profile would
-            profile.symbol_tables = symbol_tables(machine, args.symbols)
+        profile = finished_profile(machine, args, result.duration_s)
         counters.fill(profile)
         render_kvm_stat(profile, console, options, console.is_terminal)
         render_emulated(profile, console, options.vcpu, console.is_terminal)

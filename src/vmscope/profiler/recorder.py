@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from vmscope.devices.traces import MarkerSource, RequestTraceSource
 from vmscope.errors import GuestMemoryError, VmscopeError
 from vmscope.host_thread import name_host_thread
 from vmscope.memory.paging import PagingMode, read_virtual
+from vmscope.profiler.guest_symbols import find_kernel_slide, guest_symbol_tables, pti_kernel_paging
 from vmscope.profiler.interrupt_entry import InterruptEntries
 from vmscope.profiler.model import (
     EMULATED_EVENT,
@@ -50,7 +51,6 @@ from vmscope.profiler.stack_quality import INTERRUPT_ENTRY_KEY
 from vmscope.profiler.unwinders.base import Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
-from vmscope.symbols import load_symbol_file
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
 from vmscope.vmm.hooks import ExitEvent, ExitHook
 from vmscope.vmm.kick_listeners import kick_listeners
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
 DEFAULT_MAX_SPANS = 50_000
 _KERNEL_HALF = 0xFFFF_8000_0000_0000
-_PTI_USER_PGD = 0x1000
 
 
 @dataclass
@@ -262,9 +261,8 @@ class ProfileRecorder:
             return walker.read_word(mode, address, 8)
 
         kernel_read = None
-        if cpl == 3 and mode.cr3 & _PTI_USER_PGD:
-            # page-table isolation: the user PGD (kernel PGD + 4 KiB) maps no per-CPU data
-            kernel_mode = replace(mode, cr3=mode.cr3 & ~(_PTI_USER_PGD | 0xFFF))
+        kernel_mode = pti_kernel_paging(mode, cpl)
+        if kernel_mode is not None:
 
             def kernel_read(address: int) -> int | None:
                 return walker.read_word(kernel_mode, address, 8)
@@ -295,14 +293,10 @@ class ProfileRecorder:
         self._slide_tries += 1
         if self._slide_tries > 8 and self._slide_tries % 64:
             return
-        from vmscope.profiler.kernel.kaslr import MSR_LSTAR
-
-        try:
-            lstar: int | None = runner.vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR)
-        except VmscopeError:
-            lstar = None
         unwinder = self._states[runner.vcpu.id].unwinder.frame_pointers
-        slide = self.kernel.find_slide(lambda address: unwinder.read_word(mode, address, 8), lstar, idt_base)
+        slide = find_kernel_slide(
+            self.kernel, runner.vcpu, idt_base, lambda address: unwinder.read_word(mode, address, 8)
+        )
         if slide is not None:
             table = self.kernel.orc_table()
             for state in self._states.values():
@@ -425,6 +419,10 @@ class ProfileRecorder:
         meta.extra[INTERRUPT_ENTRY_KEY] = str(sum(s.interrupt_entry_samples for s in self._states.values()))
         if self.kernel_problem:
             meta.extra["kernel_tables"] = self.kernel_problem
+        # the kernel's table; placed now from the stopped vCPUs if no sample found the slide
+        profile.symbol_tables = guest_symbol_tables(machine, self.symbol_files, self.kernel)
+        if self.modules is not None:
+            profile.symbol_tables.extend(self.modules.symbol_tables())
         if self.kernel is not None:
             slide = self.kernel.slide
             meta.extra["kernel_slide"] = "not found" if slide is None else f"{slide:#x}"
@@ -433,19 +431,6 @@ class ProfileRecorder:
         profile.emulated_series = [series for series in self._emulated_series.values() if any(series.values)]
         self._add_boot_markers()
         self._add_io_requests()
-        symbol_paths = list(self.symbol_files)
-        if self.kernel is not None and not symbol_paths:
-            profile.symbol_tables.append(self.kernel.symbol_table())  # --symbols overrides kallsyms
-        if self.modules is not None:
-            profile.symbol_tables.extend(self.modules.symbol_tables())
-        elif machine.guest is not None and machine.guest.symbol_file is not None and self.kernel is None:
-            symbol_paths.insert(0, machine.guest.symbol_file)
-        seen: set[str] = set()
-        for path in symbol_paths:
-            if str(path) in seen:
-                continue
-            seen.add(str(path))
-            profile.symbol_tables.extend(load_symbol_file(path))
 
     def _task_statistics(self, kernel: KernelProfileInfo) -> None:
         """How task naming went (counts and cost), for the report and the benchmark."""

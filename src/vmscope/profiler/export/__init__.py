@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vmscope.errors import ConfigError
-from vmscope.profiler.model import Profile
+
+if TYPE_CHECKING:  # `vmscope report --help` reads EXPORT_FORMATS: it must not load the model
+    from vmscope.profiler.model import Profile
 
 #: format name -> (file suffix, binary?)
 EXPORT_FORMATS: dict[str, tuple[str, bool]] = {

@@ -47,9 +47,13 @@ class KernelProfileInfo:
                 self.task_problem = str(error)
 
     @classmethod
-    def load(cls, path: str | Path) -> KernelProfileInfo:
+    def load(cls, path: str | Path, *, symbols_only: bool = False) -> KernelProfileInfo:
+        """``symbols_only``: kallsyms alone, for naming addresses after a run (ORC and BTF cost
+        about half a second more on a distribution kernel and serve only the recorder)."""
         image = load_kernel_image(path)
         kallsyms = parse_kallsyms(image.data)
+        if symbols_only:
+            return cls(image, kallsyms, None, btf_problem="not read (symbols only)")
         orc: OrcTable | None = None
         ips, unwind = image.section_bytes(".orc_unwind_ip"), image.section_bytes(".orc_unwind")
         if ips is not None and unwind is not None:
