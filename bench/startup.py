@@ -31,6 +31,7 @@ from exit_roundtrip import (
     SRC,
     Vmm,
     build_reference,
+    compile_bytecode,
     probe,
     qemu_vmm,
     reference_vmm,
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_src is not None:
             vmms.append(vmscope_vmm(args.compare_src.resolve(), "vmscope (compared tree)"))
             trees.append(("vmscope (compared tree)", args.compare_src.resolve()))
+        for _, tree in trees:  # measure an installed vmscope, not the bytecode compiler
+            compile_bytecode(tree)
         qemu = shutil.which("qemu-system-x86_64")
         if qemu and not args.no_qemu:
             candidate = qemu_vmm(qemu, "host")

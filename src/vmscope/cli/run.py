@@ -183,7 +183,6 @@ def build_machine(args: argparse.Namespace) -> Machine:
     import dataclasses
 
     from vmscope.arch.x86.cpu_state import CpuMode
-    from vmscope.loader.bzimage import is_bzimage
     from vmscope.memory.guest_memory import parse_size
     from vmscope.vmm.assemble import assemble_machine
     from vmscope.vmm.config import MachineConfig
@@ -193,7 +192,11 @@ def build_machine(args: argparse.Namespace) -> Machine:
     if args.flat is not None and (args.mode is None or args.load_address is None):
         raise ConfigError("--flat needs --mode (real, protected or long) and --load-address")
     # Linux distribution kernels find virtio over PCI; PVH/ELF guests use virtio-mmio
-    linux_kernel = args.kernel is not None and is_bzimage(args.kernel)
+    linux_kernel = False
+    if args.kernel is not None:
+        from vmscope.loader.bzimage import is_bzimage
+
+        linux_kernel = is_bzimage(args.kernel)
     config = MachineConfig(
         mem=parse_size(args.mem), cpus=args.cpus, cpu_features=args.cpu_features,
         serial=args.serial or "stdio", debug_exit_port=args.debug_exit_port,

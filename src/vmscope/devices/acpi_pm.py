@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from vmscope.arch.x86.acpi import (
+from vmscope.arch.x86.acpi_registers import (
     PM1_CNT_SCI_EN,
     PM1_CNT_SLP_EN,
     PM1_CNT_SLP_TYP_MASK,

@@ -385,8 +385,7 @@ class Machine:
             )
         from vmscope.arch.x86.acpi import build_acpi_tables
         from vmscope.arch.x86.mptable import build_mptable
-        from vmscope.loader import is_pvh_elf, load_guest
-        from vmscope.loader.bzimage import is_bzimage
+        from vmscope.loader.dispatch import load_guest, takes_cmdline
 
         on_host = decompress == "vmm" or (decompress == "auto" and self.kvm.backend == "kvm_pvm")
         rsdp_address = 0
@@ -403,7 +402,7 @@ class Machine:
             )
             build_mptable(self.memory, self.cpu_count)
             rsdp_address, reserved = tables.rsdp_address, tables.reserved_ranges
-        if firmware.cmdline and kind != "flat" and (is_pvh_elf(Path(path)) or is_bzimage(Path(path))):
+        if firmware.cmdline and kind != "flat" and takes_cmdline(Path(path)):
             cmdline = " ".join([cmdline, *firmware.cmdline]).strip()
         if kind != "flat" and self.kvm.backend == "kvm_pvm" and self.emulate_fallback:
             cmdline = self._steer_linux_away_from_unemulated_features(Path(path), cmdline)

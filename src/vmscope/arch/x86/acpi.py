@@ -34,6 +34,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from vmscope.arch.x86.acpi_registers import (
+    PM1A_CNT_LENGTH,
+    PM1A_CNT_PORT,
+    PM1A_EVT_LENGTH,
+    PM1A_EVT_PORT,
+    PM_TMR_LENGTH,
+    PM_TMR_PORT,
+    S5_SLEEP_TYPE,
+    SCI_IRQ,
+)
 from vmscope.arch.x86.e820 import E820Entry, E820Type
 from vmscope.errors import ConfigError
 from vmscope.memory.guest_memory import GuestMemory
@@ -46,22 +56,6 @@ BIOS_AREA_END = 0x100000
 LOCAL_APIC_ADDRESS = 0xFEE0_0000
 IO_APIC_ADDRESS = 0xFEC0_0000
 IO_APIC_GSI_BASE = 0
-
-PM1A_EVT_PORT = 0x600
-PM1A_EVT_LENGTH = 4
-PM1A_CNT_PORT = 0x604
-PM1A_CNT_LENGTH = 2
-PM_TMR_PORT = 0x608
-PM_TMR_LENGTH = 4
-SCI_IRQ = 9
-
-#: PM1 control register bits the power-off device decodes
-PM1_CNT_SCI_EN = 1 << 0
-PM1_CNT_SLP_TYP_SHIFT = 10
-PM1_CNT_SLP_TYP_MASK = 0x7 << PM1_CNT_SLP_TYP_SHIFT
-PM1_CNT_SLP_EN = 1 << 13
-#: SLP_TYPa/b the DSDT's \_S5 object gives for soft-off
-S5_SLEEP_TYPE = 5
 
 OEM_ID = b"VMSCOP"
 OEM_TABLE_ID = b"VMSCOPE "
