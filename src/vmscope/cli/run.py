@@ -252,6 +252,12 @@ def symbolizer_for(
 
     if paths:
         return Symbolizer(guest_symbol_tables(machine, paths)).name_and_offset
+    if kernel is not None:
+        # what reading kallsyms needs, imported now: at a crash it runs on the vCPU thread, under
+        # that thread's seccomp filter, where an import that makes a new kind of call is fatal
+        import elftools.elf.elffile  # noqa: F401
+
+        import vmscope.profiler.kernel.context  # noqa: F401
     loaded: list[Callable[[int], str | None]] = []
 
     def symbolize(address: int) -> str | None:

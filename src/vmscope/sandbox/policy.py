@@ -32,6 +32,9 @@ COMMON = (
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
     "pwritev2", "lseek", "close", "fstat", "newfstatat", "fcntl", "dup", "getrandom",
     "poll", "ppoll", "select", "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl",
+    # Python's selectors module creates an epoll instance when it is imported (a lazy import of
+    # subprocess, e.g. through capstone, on a vCPU thread); an epoll fd reaches nothing by itself
+    "epoll_create1",
     "recvfrom", "sendto", "recvmsg", "sendmsg",
 )  # fmt: skip
 
