@@ -222,7 +222,7 @@ def _damaged(snapshot: Path, tmp_path: Path, damage: str) -> Path:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("corrupted", "is corrupted (sha256 mismatch)"),
+        ("corrupted", "is corrupted (CRC-32 mismatch)"),
         ("truncated", "truncated"),
         ("truncated-ram", "RAM file is"),
         ("other-version", "snapshot was made by vmscope 0.0.1"),

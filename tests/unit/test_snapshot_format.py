@@ -35,8 +35,8 @@ def test_state_round_trips(tmp_path: Path) -> None:
         (lambda data: data[:-2] + bytes([data[-2] ^ 1]) + data[-1:], "section 'devices' is corrupted"),
         (lambda data: b"NOT-A-SNAPSHOT\n" + data, "not a vmscope snapshot"),
         (
-            lambda data: data.replace(b'"format": 1', b'"format": 9'),
-            "snapshot format 9, this vmscope reads format 1",
+            lambda data: data.replace(b'"format": 2', b'"format": 9'),
+            "snapshot format 9, this vmscope reads format 2",
         ),
         (
             lambda data: data.replace(vmscope.__version__.encode(), b"9.9.9", 1),

@@ -6,7 +6,6 @@ anyone) changed near its start or end since the snapshot, or one of another size
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ _EDGE = 1 << 20
 
 
 def disk_identity(path: Path) -> dict[str, Any]:
+    import hashlib  # only for machines with disks: restore time (issue 12)
+
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         digest = hashlib.sha256(file.read(_EDGE))

@@ -1,23 +1,27 @@
-"""The snapshot file format: a header line, then JSON sections each with its own sha256.
+"""The snapshot file format: a header line, then JSON sections each with its own CRC-32.
 
 ``SNAP/state``::
 
     VMSCOPE-SNAPSHOT\\n
-    {"format": 1, "vmscope": "0.1.0",
-     "sections": [{"name": "config", "length": 812, "sha256": "..."}, ...]}\\n   (one line)
+    {"format": 2, "vmscope": "0.1.0",
+     "sections": [{"name": "config", "length": 812, "crc32": 3735928559}, ...]}\\n   (one line)
     <section bytes, in header order, each a JSON document>
 
 ``SNAP/memory`` holds guest RAM, regions one after another, zero pages left as holes; its size
 and the bytes that are data are recorded in the ``memory`` section. Reading checks the magic,
 the format number, the vmscope version, every section's length and checksum, and raises a
 :class:`SnapshotError` naming the first thing that differs.
+
+The checksums find damage (a truncated copy, bit rot, a hand edit); like any unkeyed digest they
+could not stop a forger, so CRC-32 does the job sha256 did in format 1, without importing
+hashlib and OpenSSL into a restoring process (restore time, issue 12).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from vmscope import __version__
 from vmscope.errors import SnapshotError
 
 MAGIC = b"VMSCOPE-SNAPSHOT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 #: every section a snapshot of this format has
@@ -48,7 +52,7 @@ def write_state(snapshot: Path, sections: dict[str, Any]) -> int:
         "format": FORMAT_VERSION,
         "vmscope": __version__,
         "sections": [
-            {"name": name, "length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+            {"name": name, "length": len(body), "crc32": zlib.crc32(body)}
             for name, body in bodies
         ],
     }
@@ -82,7 +86,7 @@ def read_state(snapshot: Path) -> dict[str, Any]:
     try:
         header = json.loads(data[len(MAGIC) : end])
         format_version, version, entries = header["format"], header["vmscope"], header["sections"]
-        layout = [(str(e["name"]), int(e["length"]), str(e["sha256"])) for e in entries]
+        layout = [(str(e["name"]), int(e["length"]), int(e["crc32"])) for e in entries]
     except (ValueError, KeyError, TypeError):
         raise SnapshotError(f"{path}: corrupted header") from None
     if format_version != FORMAT_VERSION:
@@ -100,11 +104,11 @@ def read_state(snapshot: Path) -> dict[str, Any]:
         what = "truncated" if len(data) < expected_size else "has trailing bytes"
         raise SnapshotError(f"{path}: {what}: {len(data)} bytes, the header describes {expected_size}")
     sections: dict[str, Any] = {}
-    for name, length, digest in layout:
+    for name, length, checksum in layout:
         body = data[offset : offset + length]
         offset += length
-        if hashlib.sha256(body).hexdigest() != digest:
-            raise SnapshotError(f"{path}: section '{name}' is corrupted (sha256 mismatch)")
+        if zlib.crc32(body) != checksum:
+            raise SnapshotError(f"{path}: section '{name}' is corrupted (CRC-32 mismatch)")
         try:
             sections[name] = json.loads(body)
         except ValueError:
