@@ -64,10 +64,12 @@ class BtfBuilder:
         return header + types + bytes(self.strings)
 
 
-def kernel_types(*, pcpu_hot: bool = False, module_mem: bool = True) -> tuple[bytes, dict[str, int]]:
-    """A BTF blob with task_struct, (pcpu_hot,) module, module_memory or module_layout, mod_kallsyms
-    and enum mod_mem_type, laid out like the kernel's with arbitrary offsets; returns the blob and
-    the offsets the tests expect."""
+def kernel_types(
+    *, pcpu_hot: bool = False, module_mem: bool = True, module_orc: bool = True
+) -> tuple[bytes, dict[str, int]]:
+    """A BTF blob with task_struct, (pcpu_hot,) module, module_memory or module_layout, mod_kallsyms,
+    enum mod_mem_type and (``module_orc``: CONFIG_UNWINDER_ORC) mod_arch_specific's ORC members, laid
+    out like the kernel's with arbitrary offsets; returns the blob and the offsets the tests expect."""
     b = BtfBuilder()
     u32 = b.int_type("unsigned int", 4)
     s32 = b.int_type("int", 4, signed=True)
@@ -125,6 +127,19 @@ def kernel_types(*, pcpu_hot: bool = False, module_mem: bool = True) -> tuple[by
         )
         members.append(("core_layout", layout, 320 * 8, 0))
         expected.update({"module.text_base": 320, "module.text_size": 332})
+    orc_members: list[MemberSpec] = []
+    if module_orc:
+        entry_ptr = b.ptr(b.add(Kind.FWD, "orc_entry", 0))
+        orc_members = [
+            ("num_orcs", u32, 0, 0),
+            ("orc_unwind_ip", b.ptr(s32), 64, 0),
+            ("orc_unwind", entry_ptr, 128, 0),
+        ]
+        expected.update(
+            {"module.arch.num_orcs": 640, "module.arch.orc_unwind_ip": 648, "module.arch.orc_unwind": 656}
+        )
+    # without the ORC unwinder the arch member is an empty struct
+    members.append(("arch", b.struct("mod_arch_specific", 24 if module_orc else 0, orc_members), 640 * 8, 0))
     b.struct("module", 1024, members)
     expected.update({"module.list": 8, "module.name": 24, "module.kallsyms": 600})
     return b.build(), expected

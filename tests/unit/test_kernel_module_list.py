@@ -49,11 +49,12 @@ class FakeGuest(FakeMemory):
         self.pages: set[int] = set()
 
 
-def module_layout(module_mem: bool = True) -> ModuleLayout:
+def module_layout(module_mem: bool = True, module_orc: bool = True) -> ModuleLayout:
     base = 0xFFFF_FFFF_8100_0000
     names = [(f"func_{i}", "T", base + 0x100 * i) for i in range(40)] + [("modules", "D", MODULES_HEAD)]
     kallsyms = parse_kallsyms(build_kallsyms(sorted(names, key=lambda s: s[2])))
-    return ModuleLayout.from_kernel(kallsyms, parse_btf(kernel_types(module_mem=module_mem)[0]))
+    btf = parse_btf(kernel_types(module_mem=module_mem, module_orc=module_orc)[0])
+    return ModuleLayout.from_kernel(kallsyms, btf)
 
 
 def add_module(guest: FakeGuest, layout: ModuleLayout, index: int, name: str, text: int, size: int,

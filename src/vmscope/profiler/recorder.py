@@ -48,7 +48,7 @@ from vmscope.profiler.model import (
 )
 from vmscope.profiler.options import DEFAULT_FREQUENCY_HZ
 from vmscope.profiler.stack_quality import INTERRUPT_ENTRY_KEY
-from vmscope.profiler.unwinders.base import Registers
+from vmscope.profiler.unwinders.base import STOP_NO_TABLE, Registers
 from vmscope.profiler.unwinders.cfi import CfiTable, CfiUnwinder
 from vmscope.profiler.unwinders.chooser import UnwinderChooser
 from vmscope.vmm.exit_keys import decode_exit_key, exit_detail
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from vmscope.profiler.kernel.context import KernelProfileInfo
     from vmscope.profiler.kernel.modules import ModuleTracker
     from vmscope.profiler.kernel.per_vcpu import VcpuKernelState
+    from vmscope.profiler.unwinders.orc_tables import OrcTables
     from vmscope.vmm.machine import Machine
 
 DEFAULT_EXIT_SAMPLE_BUDGET = 200_000
@@ -125,13 +126,20 @@ class ProfileRecorder:
         self.kernel: KernelProfileInfo | None = None
         self.kernel_problem = ""
         self._slide_tries = 0
+        #: the image's ORC table (once the slide is known) and the modules' (once found), for all vCPUs
+        self.orc_tables: OrcTables | None = None
         if kernel_image is not None:
             from vmscope.profiler.kernel.context import KernelProfileInfo
+            from vmscope.profiler.unwinders.orc_tables import OrcTables
 
             try:
                 self.kernel = KernelProfileInfo.load(kernel_image)
             except VmscopeError as error:  # not a Linux image with kallsyms: profile without them
                 self.kernel_problem = str(error)
+            else:
+                self.orc_tables = OrcTables(self.kernel.orc_table())
+                for state in self._states.values():
+                    state.unwinder.set_kernel_orc(self.orc_tables)
         self.modules: ModuleTracker | None = None
         if self.kernel is not None:
             self._attach_kernel_state(self.kernel)
@@ -216,13 +224,19 @@ class ProfileRecorder:
             if interrupted is not None:  # charged to the code the interrupt stopped, see interrupt_entry
                 ip, sp, cpl = interrupted.ip, interrupted.sp, interrupted.cpl
                 state.interrupt_entry_samples += 1
-        result = state.unwinder.unwind(Registers(ip, sp, regs.rbp, cpl), mode, wide)
+        start = Registers(ip, sp, regs.rbp, cpl)
+        kernel_code = cpl == 0 and wide and mode.long_mode
+        if kernel_code:  # before unwinding: a module found now unwinds with its own ORC table
+            self._note_module_code(state, mode, ip)
+        result = state.unwinder.unwind(start, mode, wide)
+        if result.stop == STOP_NO_TABLE and self._note_module_code(state, mode, result.frames[-1]):
+            result = state.unwinder.unwind(start, mode, wide)  # it returns into a module found just now
         counts[result.unwinder] = counts.get(result.unwinder, 0) + 1
         stop_key = f"{result.unwinder}: {result.stop}"
         counts[stop_key] = counts.get(stop_key, 0) + 1
         task = None
         if state.kernel is not None and wide and mode.long_mode:
-            task = self._kernel_side(state, state.kernel, mode, cpl, sregs.gs.base, ip)
+            task = self._kernel_side(state, state.kernel, mode, cpl, sregs.gs.base)
         return Sample(
             vcpu.id, time_ns, ip, cpl, sregs.cr3, result.frames, origin, reason, detail, task, result.unwinder
         )
@@ -234,10 +248,13 @@ class ProfileRecorder:
         from vmscope.profiler.kernel.tasks import TaskNamer
 
         if kernel.btf is not None:
+            orc_format = None if kernel.orc is None else kernel.orc.format_version
             try:
-                self.modules = ModuleTracker(ModuleLayout.from_kernel(kernel.kallsyms, kernel.btf))
+                layout = ModuleLayout.from_kernel(kernel.kallsyms, kernel.btf)
             except VmscopeError as error:
                 self.kernel_problem = str(error)
+            else:
+                self.modules = ModuleTracker(layout, orc=self.orc_tables, orc_format=orc_format)
         if kernel.tasks is None:
             return
         namer = TaskNamer(kernel.tasks)
@@ -252,9 +269,9 @@ class ProfileRecorder:
             self._states[runner.vcpu.id].kernel = VcpuKernelState(namer, read_msr)
 
     def _kernel_side(
-        self, state: _VcpuState, kernel: VcpuKernelState, mode: PagingMode, cpl: int, gs_base: int, ip: int
+        self, state: _VcpuState, kernel: VcpuKernelState, mode: PagingMode, cpl: int, gs_base: int
     ) -> TaskInfo | None:
-        """The running task, and (lazily) the modules when ``ip`` is kernel code outside the image."""
+        """The running task."""
         walker = state.unwinder.frame_pointers
 
         def read(address: int) -> int | None:
@@ -267,14 +284,23 @@ class ProfileRecorder:
             def kernel_read(address: int) -> int | None:
                 return walker.read_word(kernel_mode, address, 8)
 
-        task = kernel.current_task(cpl, gs_base, read, kernel_read)
-        tracker = self.modules
-        if tracker is not None and cpl == 0 and ip >= _KERNEL_HALF and self.kernel is not None:
-            slide = self.kernel.slide
-            if slide is not None and not self.kernel.covers_text(ip):
-                with self._modules_lock:
-                    tracker.note(ip, read, self._guest_reader(mode), slide)
-        return task
+        return kernel.current_task(cpl, gs_base, read, kernel_read)
+
+    def _note_module_code(self, state: _VcpuState, mode: PagingMode, ip: int) -> bool:
+        """Kernel code outside the image: the tracker (lazily) finds the module it lies in. True
+        when this found it, so a stack that ended there can be unwound again."""
+        tracker, kernel = self.modules, self.kernel
+        if tracker is None or kernel is None or kernel.slide is None:
+            return False
+        if ip < _KERNEL_HALF or kernel.covers_text(ip):
+            return False
+        walker = state.unwinder.frame_pointers
+
+        def read(address: int) -> int | None:
+            return walker.read_word(mode, address, 8)
+
+        with self._modules_lock:
+            return tracker.note(ip, read, self._guest_reader(mode), kernel.slide)
 
     def _guest_reader(self, mode: PagingMode) -> Callable[[int, int], bytes | None]:
         """Guest-virtual reads through ``mode``'s page tables; None where nothing is mapped."""
@@ -297,10 +323,8 @@ class ProfileRecorder:
         slide = find_kernel_slide(
             self.kernel, runner.vcpu, idt_base, lambda address: unwinder.read_word(mode, address, 8)
         )
-        if slide is not None:
-            table = self.kernel.orc_table()
-            for state in self._states.values():
-                state.unwinder.set_kernel_orc(table)
+        if slide is not None and self.orc_tables is not None:
+            self.orc_tables.set_kernel(self.kernel.orc_table())
 
     def _on_exit(self, event: ExitEvent) -> None:
         runner = event.runner
@@ -447,6 +471,8 @@ class ProfileRecorder:
         if self.modules is not None and self.modules.scans:
             extra["modules.scans"] = str(self.modules.scans)
             extra["modules.found"] = str(len(self.modules.modules))
+            if self.modules.layout.orc is not None:
+                extra["modules.with_orc"] = str(sum(m.orc is not None for m in self.modules.modules.values()))
 
     def _add_boot_markers(self) -> None:
         """POST codes the guest wrote to port 0x80 become instants on a "port80" timeline track."""

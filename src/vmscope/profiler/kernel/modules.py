@@ -5,7 +5,9 @@ The kernel links every ``struct module`` into the list headed by the ``modules``
 (6.4 on), ``core_layout.base``/``text_size`` (4.5 to 6.3) or ``module_core``/``core_text_size``
 (older). A module's own symbols are in ``struct mod_kallsyms`` (``symtab``, ``num_symtab``,
 ``strtab``): ELF symbols whose ``st_info`` holds the ELF type, or the nm letter in kernels that
-reused it. The walk is bounded everywhere; a broken list ends it, keeping what was found.
+reused it. The walk is bounded everywhere; a broken list ends it, keeping what was found. A module's
+own ORC tables (kernels built with the ORC unwinder) are read once, when it is first found, and
+handed to the unwinder's :class:`OrcTables` (see module_orc.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass, field
 from vmscope.errors import KernelTableError
 from vmscope.profiler.kernel.btf import Btf
 from vmscope.profiler.kernel.kallsyms import Kallsyms
+from vmscope.profiler.kernel.module_orc import BytesReader, ModuleOrcLayout, read_module_orc
+from vmscope.profiler.unwinders.orc import OrcTable
+from vmscope.profiler.unwinders.orc_tables import OrcTables
 from vmscope.symbols import SymbolEntry, SymbolTable
 
 _TABLE = "modules"
@@ -30,8 +35,6 @@ _STT_FUNC = 2
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 WordReader = Callable[[int], "int | None"]
-#: reads ``length`` bytes at a guest-virtual address; None when any page is unmapped
-BytesReader = Callable[[int, int], "bytes | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,8 @@ class ModuleLayout:
     symtab: int
     num_symtab: int
     strtab: int
+    #: where ``arch`` keeps the module's ORC tables; None when the kernel has no such members
+    orc: ModuleOrcLayout | None = None
 
     @classmethod
     def from_kernel(cls, kallsyms: Kallsyms, btf: Btf) -> ModuleLayout:
@@ -76,7 +81,7 @@ class ModuleLayout:
             strtab = btf.field("mod_kallsyms", "strtab").offset
         return cls(
             head, btf.field("module", "list").offset, name.offset, btf.size_of(name.type_id), base, size,
-            symbols, symtab, num_symtab, strtab,
+            symbols, symtab, num_symtab, strtab, ModuleOrcLayout.from_btf(btf),
         )  # fmt: skip
 
 
@@ -88,6 +93,10 @@ class KernelModule:
     start: int
     end: int
     symbols: list[SymbolEntry] = field(default_factory=list)
+    #: its own ORC table, read once when the tracker first finds it
+    orc: OrcTable | None = None
+    #: why it has none ("" when it has one, or when the kernel keeps none)
+    orc_problem: str = ""
 
     def symbol_table(self) -> SymbolTable:
         table = SymbolTable(self.name, sorted(self.symbols, key=lambda s: s.start), kind="module-kallsyms")
@@ -190,11 +199,15 @@ def _read_strings(read_bytes: BytesReader, address: int, length: int) -> bytes:
 class ModuleTracker:
     """Finds modules when the profile needs them: a sample in kernel-half code outside the kernel
     image and outside every known module triggers a rescan (at most one per ``rescan_every``
-    misses), which also reads the symbols of newly found modules."""
+    misses), which also reads the symbols and ORC tables of newly found modules; the tables go
+    to ``orc`` (shared with the unwinders), in the kernel image's ``orc_format``."""
 
-    def __init__(self, layout: ModuleLayout, rescan_every: int = 256) -> None:
+    def __init__(self, layout: ModuleLayout, rescan_every: int = 256, orc: OrcTables | None = None,
+                 orc_format: int | None = None) -> None:  # fmt: skip
         self.layout = layout
         self.rescan_every = rescan_every
+        self.orc = orc
+        self.orc_format = orc_format
         self.modules: dict[tuple[str, int], KernelModule] = {}
         self.scans = 0
         self._misses = 0
@@ -202,19 +215,34 @@ class ModuleTracker:
     def covers(self, address: int) -> bool:
         return any(module.start <= address < module.end for module in self.modules.values())
 
-    def note(self, address: int, read: WordReader, read_bytes: BytesReader, slide: int) -> None:
-        """A sampled address outside the kernel image: rescan now and then until it is covered."""
+    def note(self, address: int, read: WordReader, read_bytes: BytesReader, slide: int) -> bool:
+        """A sampled address outside the kernel image: rescan now and then until it is covered.
+        True when this call's scan found the module that covers it."""
         if self.covers(address):
-            return
+            return False
         self._misses += 1
         if self.scans and (self._misses - 1) % self.rescan_every:
-            return
+            return False
         self.scans += 1
         for module in walk_modules(read, read_bytes, self.layout, slide):
             key = (module.name, module.start)
             if key not in self.modules:
                 module.symbols = read_module_symbols(read, read_bytes, self.layout, module)
+                self._read_orc(read, read_bytes, module)
                 self.modules[key] = module
+        return self.covers(address)
+
+    def _read_orc(self, read: WordReader, read_bytes: BytesReader, module: KernelModule) -> None:
+        if self.orc is None or self.layout.orc is None:
+            return
+        try:
+            module.orc = read_module_orc(
+                read, read_bytes, self.layout.orc, module.address, (module.start, module.end), self.orc_format
+            )
+        except KernelTableError as error:  # that module's frames end the walk; the others unwind
+            module.orc_problem = str(error)
+            return
+        self.orc.add_module(module.start, module.end, module.orc)
 
     def symbol_tables(self) -> list[SymbolTable]:
         return [module.symbol_table() for module in self.modules.values()]

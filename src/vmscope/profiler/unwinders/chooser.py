@@ -1,5 +1,6 @@
-"""Picks the unwinder for each code region: ORC for the kernel's text, DWARF CFI for ELF images that
-carry it, frame pointers for everything else; a kernel stack that ends in user space goes on there."""
+"""Picks the unwinder for each code region: ORC for the kernel's text and its modules' (whichever
+tables the ORC lookup covers), DWARF CFI for ELF images that carry it, frame pointers for everything
+else; a kernel stack that ends in user space goes on there."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from vmscope.profiler.unwinders.base import (
     UnwindResult,
     WordReader,
 )
-from vmscope.profiler.unwinders.orc import OrcTable, OrcUnwinder
+from vmscope.profiler.unwinders.orc import OrcLookup, OrcUnwinder
 
 FRAME_POINTERS = "fp"
 _KERNEL_HALF = 0xFFFF_8000_0000_0000
@@ -42,7 +43,8 @@ class UnwinderChooser:
         self.regions = list(regions)
         self._orc: OrcUnwinder | None = None
 
-    def set_kernel_orc(self, table: OrcTable | None) -> None:
+    def set_kernel_orc(self, table: OrcLookup | None) -> None:
+        """``table``: the kernel image's table, or :class:`OrcTables` with its modules' too."""
         self._orc = None if table is None else OrcUnwinder(table, self.max_depth)
 
     def unwind(self, start: Registers, mode: PagingMode, wide: bool = True) -> UnwindResult:

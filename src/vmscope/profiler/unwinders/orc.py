@@ -17,6 +17,7 @@ import bisect
 import struct
 from array import array
 from dataclasses import dataclass
+from typing import Protocol
 
 from vmscope.errors import KernelTableError
 from vmscope.profiler.unwinders.base import (
@@ -70,8 +71,12 @@ class OrcTable:
         self.end = (ips[-1] + slide) & mask if ips else 0
 
     @classmethod
-    def from_sections(cls, ip_section: bytes, ip_address: int, unwind_section: bytes) -> OrcTable:
-        """Parse the two sections (``ip_address``: link-time address of ``.orc_unwind_ip``)."""
+    def from_sections(
+        cls, ip_section: bytes, ip_address: int, unwind_section: bytes, format_version: int | None = None
+    ) -> OrcTable:
+        """Parse the two sections (``ip_address``: where ``.orc_unwind_ip`` lies, at link time for
+        vmlinux, at run time for a module's copy). ``format_version`` (see the module docstring)
+        is told from the entries when not given; a module's few entries say less than the kernel's."""
         count = len(ip_section) // 4
         if count == 0 or len(ip_section) % 4:
             raise KernelTableError(_TABLE, f".orc_unwind_ip size {len(ip_section)} is not a multiple of 4")
@@ -84,7 +89,7 @@ class OrcTable:
         # ips as signed 64-bit: kernel addresses are negative, which keeps the order
         if any(ips[i] > ips[i + 1] for i in range(count - 1)):
             raise KernelTableError(_TABLE, ".orc_unwind_ip is not sorted")
-        return cls(ips, unwind_section, _detect_format(unwind_section, count))
+        return cls(ips, unwind_section, format_version or _detect_format(unwind_section, count))
 
     def relocated(self, slide: int) -> OrcTable:
         return OrcTable(self._ips, self._raw, self.format_version, slide)
@@ -146,12 +151,21 @@ def _detect_format(raw: bytes, count: int) -> int:
     return 2 if end_bits else 1
 
 
+class OrcLookup(Protocol):
+    """What the walker needs of its tables: one :class:`OrcTable`, or the kernel's and its
+    modules' together (:class:`~vmscope.profiler.unwinders.orc_tables.OrcTables`)."""
+
+    def covers(self, ip: int) -> bool: ...
+
+    def lookup(self, ip: int) -> OrcEntry | None: ...
+
+
 class OrcUnwinder:
-    """Walks kernel stacks with an :class:`OrcTable`, crossing pt_regs and iret frames."""
+    """Walks kernel stacks with ORC tables, crossing pt_regs and iret frames."""
 
     name = "orc"
 
-    def __init__(self, table: OrcTable, max_depth: int = 64) -> None:
+    def __init__(self, table: OrcLookup, max_depth: int = 64) -> None:
         self.table = table
         self.max_depth = max_depth
 
