@@ -74,3 +74,43 @@ def test_every_exit_is_counted_once_with_its_latency(tmp_path: Path, coalesce: b
             assert counts[IO_OUT_COALESCED_KEY | 0x510] == OUTS - 1
             assert counts[IO_OUT_COALESCED_KEY | 0x80] > 0
             assert counts[IO_OUT_COALESCED_KEY | 0x511] > 0
+
+
+def test_folding_time_is_charged_neither_to_the_guest_nor_to_an_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop folds its log every FOLD_EVERY exits on the vCPU thread; that time is the VMM's
+    bookkeeping, so it must not appear as guest time or as the handling time of the exit that
+    triggered it. A fold made slow on purpose (20 ms, 100 times) would show up in both sums."""
+    import time
+
+    from vmscope.vmm import runner
+    from vmscope.vmm.exit_stats import VcpuExitStats
+
+    folds = 100
+    pause_s = 0.02
+    monkeypatch.setattr(runner, "FOLD_EVERY", 16)
+    original_fold = VcpuExitStats.fold
+
+    def slow_fold(self: VcpuExitStats) -> None:
+        time.sleep(pause_s)
+        original_fold(self)
+
+    monkeypatch.setattr(VcpuExitStats, "fold", slow_fold)
+    writes = 16 * folds
+    # mov cx, writes; mov dx, 0x510; loop: out dx, al; dec cx; jnz loop
+    program = b"\xb9" + writes.to_bytes(2, "little") + b"\xba\x10\x05" + b"\xee\x49\x75\xfc"
+    image = tmp_path / "writes.bin"
+    image.write_bytes(program + debug_exit_real(1))
+    with Machine(mem="16M", coalesce_writes=False) as machine:
+        install_platform_devices(machine, serial="none")
+        machine.load(image, kind="flat", flat_address=LOAD, flat_mode=CpuMode.REAL)
+        assert machine.run(timeout=120).exit_status == 3
+        stats = machine.runners[0].stats
+        handling_ns = sum(histogram.sum for histogram in stats.handling.values())
+        guest_ns = stats.guest.sum
+        assert stats.count(IO_OUT_KEY | 0x510) == writes
+    slept_ns = folds * pause_s * 1e9
+    # the run's own exits take microseconds each: far below the 2 s spent in slowed folds
+    assert guest_ns < slept_ns / 4, (guest_ns, slept_ns)
+    assert handling_ns < slept_ns / 4, (handling_ns, slept_ns)

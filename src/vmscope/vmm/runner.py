@@ -341,11 +341,12 @@ class VcpuRunner:
                 if matched:
                     self._dispatch_hooks(matched, key, handled - exited)
                     now = clock()  # hook time is neither handling nor guest time
-            record((key, exited, handled, now))
             fold_countdown -= 1
             if not fold_countdown:
                 fold()  # bounds the log; folding costs far less than recording each exit did
                 fold_countdown = FOLD_EVERY
+                now = clock()  # nor is folding time: the next guest interval starts after it
+            record((key, exited, handled, now))
 
     def _deliver_coalesced(self) -> None:
         coalescing = self.machine.coalescing
