@@ -66,6 +66,25 @@ def test_triple_fault_gives_crash_report_and_status_1(tmp_path: Path) -> None:
     assert "rip " in result.stderr and "cr0=" in result.stderr
 
 
+def test_crash_report_imports_work_in_the_sandbox_from_a_tree_without_bytecode(tmp_path: Path) -> None:
+    """A fresh checkout has no __pycache__, and without PYTHONDONTWRITEBYTECODE Python writes one
+    as it imports. The crash report's modules are imported on the vCPU thread, whose seccomp
+    filter refuses opening files for writing: the report must still come out."""
+    import shutil
+
+    tree = tmp_path / "src"
+    shutil.copytree(SRC, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    image = tmp_path / "crash.bin"
+    image.write_bytes(b"\x90\x90" + UD2)
+    result = subprocess.run(
+        [sys.executable, "-m", "vmscope", "run", "--flat", str(image), "--mode", "long",
+         "--load-address", "0x100000"],
+        capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "guest crashed on vCPU 0: triple fault" in result.stderr
+
+
 def test_guest_that_never_exits_is_stopped_by_timeout(tmp_path: Path) -> None:
     image = tmp_path / "spin.bin"
     image.write_bytes(b"\xeb\xfe")  # jmp $

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import logging
 import os
+import sys
 import threading
 from typing import Literal
 
@@ -48,6 +49,11 @@ def configure(mode: str) -> None:
         )
     with _lock:
         _mode = mode
+        if mode != "off":
+            # A module imported lazily on a vCPU or I/O thread (a crash report's, say) would have
+            # its bytecode cache written there, and those threads may not open files for writing:
+            # the filter would stop the VMM. Cache files are an optimisation; skip them.
+            sys.dont_write_bytecode = True
         if mode == "on" and _sigsys_handler is None:
             _install_sigsys_handler()
 
