@@ -48,7 +48,10 @@ class Bus:
         self._cache: dict[int, tuple[Device, int] | None] = {}
         #: (address, access size) -> count of accesses no device claimed
         self.unclaimed_reads: Counter[tuple[int, int]] = Counter()
-        self.unclaimed_writes: Counter[tuple[int, int]] = Counter()
+        self._unclaimed_writes: Counter[tuple[int, int]] = Counter()
+        #: address -> the data of unclaimed writes made through a bound handler, not yet counted:
+        #: the handler is this list's C-level append, which is all such a write costs the exit loop
+        self._pending_unclaimed_writes: dict[int, list[bytes]] = {}
         self.device_errors: Counter[str] = Counter()
         #: called after a device failure is logged; the machine uses it to stop in strict mode
         self.on_device_error: Callable[[Device, Exception], None] | None = None
@@ -143,7 +146,7 @@ class Bus:
     def write(self, address: int, data: bytes) -> None:
         target = self._cache.get(address) if address in self._cache else self.lookup(address)
         if target is None:
-            self.unclaimed_writes[address, len(data)] += 1
+            self._unclaimed_writes[address, len(data)] += 1
             return
         device, base = target
         try:
@@ -154,12 +157,14 @@ class Bus:
     def bind_write(self, address: int) -> Callable[[bytes], None]:
         """``write(data)`` for ``address``, resolved once: the device's own write with the
         offset bound (the exit loop catches its exceptions and reports them through
-        :meth:`write_failed`), or the unclaimed-write counter. Kept in :attr:`write_handlers`."""
+        :meth:`write_failed`), or, where no device claims it, an append to the address's pending
+        unclaimed writes (counted by :meth:`settle_unclaimed_writes`). Kept in
+        :attr:`write_handlers`."""
         with self._map_lock:
             target = self.lookup(address)
             handler: Callable[[bytes], None]
             if target is None:
-                handler = functools.partial(self._count_unclaimed_write, address)
+                handler = self._pending_unclaimed_writes.setdefault(address, []).append
             else:
                 device, base = target
                 handler = functools.partial(device.write, address - base)
@@ -167,8 +172,25 @@ class Bus:
                 self.write_handlers[address] = handler
         return handler
 
-    def _count_unclaimed_write(self, address: int, data: bytes) -> None:
-        self.unclaimed_writes[address, len(data)] += 1
+    @property
+    def unclaimed_writes(self) -> Counter[tuple[int, int]]:
+        """(address, access size) -> count of writes no device claimed, every one so far."""
+        self.settle_unclaimed_writes()
+        return self._unclaimed_writes
+
+    def settle_unclaimed_writes(self) -> None:
+        """Count the pending unclaimed writes of bound handlers (any thread; the exit loops call
+        it when they fold their logs, which bounds the pending lists)."""
+        counts = self._unclaimed_writes
+        with self._map_lock:
+            for address, pending in self._pending_unclaimed_writes.items():
+                # copy and delete are each one C call, and appends only add at the end
+                taken = len(pending)
+                if taken:
+                    sizes = Counter(map(len, pending[:taken]))
+                    del pending[:taken]
+                    for size, count in sizes.items():
+                        counts[address, size] += count
 
     def write_failed(self, address: int, error: Exception) -> None:
         """A bound write handler raised: log and count it like :meth:`write` does."""

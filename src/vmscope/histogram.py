@@ -94,18 +94,28 @@ class LatencyHistogram:
         """Count every duration in ``values``: the same result as ``record`` called on each.
 
         Exit statistics are folded from raw per-exit timestamps in batches; this does the
-        bucketing with C-level ``map`` passes instead of one Python call per value.
+        bucketing with C-level passes instead of one Python call per value. Every value at or
+        above the batch's smallest, ``low``, lies in a bucket at least ``2**shift`` ns wide and
+        aligned to it (``shift = low.bit_length() - 5``), so its bucket depends on ``value >>
+        shift`` alone: counting those few distinct coarse values is one pass, and only they
+        are bucketed one by one.
         """
         if not values:
             return
-        if min(values) < 0:
-            values = list(map(max, values, repeat(0)))
-        shifts = list(map(max, map(sub, map(int.bit_length, values), repeat(5)), repeat(0)))
-        indexes = map(add, map(lshift, shifts, repeat(4)), map(rshift, values, shifts))
-        counts = self._counts
-        for index, bucket_count in Counter(map(min, indexes, repeat(_LAST_BUCKET))).items():
-            counts[index] += bucket_count
         low, high = min(values), max(values)
+        if low < 0:
+            values = list(map(max, values, repeat(0)))
+            low, high = 0, max(high, 0)
+        counts = self._counts
+        shift = low.bit_length() - 5
+        if shift >= SUB_BUCKET_BITS:  # buckets of 16 ns and wider: few distinct coarse values
+            for coarse, bucket_count in Counter(map(rshift, values, repeat(shift))).items():
+                counts[bucket_index(coarse << shift)] += bucket_count
+        else:
+            shifts = list(map(max, map(sub, map(int.bit_length, values), repeat(5)), repeat(0)))
+            indexes = map(add, map(lshift, shifts, repeat(4)), map(rshift, values, shifts))
+            for index, bucket_count in Counter(map(min, indexes, repeat(_LAST_BUCKET))).items():
+                counts[index] += bucket_count
         if self.count:
             if low < self.min:
                 self.min = low

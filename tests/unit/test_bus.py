@@ -110,3 +110,17 @@ def test_a_failing_bound_write_is_reported_like_a_bus_write() -> None:
         handler(b"\x01\x02\x03\x04")
     bus.write_failed(0xD000_0004, caught.value)
     assert bus.device_errors["broken"] == 1 and failures == ["broken"]
+
+
+def test_bound_unclaimed_writes_are_counted_by_size_when_settled_and_none_twice() -> None:
+    bus = PioBus()
+    handler = bus.bind_write(0x510)
+    for data in (b"\x01", b"\x02", b"\x03\x00", b"\x04\x00\x00\x00"):
+        handler(data)
+    bus.settle_unclaimed_writes()
+    handler(b"\x05")
+    assert bus.unclaimed_writes == {(0x510, 1): 3, (0x510, 2): 1, (0x510, 4): 1}
+    assert bus.unclaimed_writes == {(0x510, 1): 3, (0x510, 2): 1, (0x510, 4): 1}  # settled once
+    bus.register(0x510, 1, Register())  # a device claims the port: earlier writes stay unclaimed
+    bus.bind_write(0x510)(b"\x06")
+    assert bus.unclaimed_writes[0x510, 1] == 3

@@ -57,7 +57,7 @@ def test_folding_gives_the_histograms_per_exit_recording_gives() -> None:
         position = 0
         while position < len(records):  # fold in uneven chunks, as reads and the loop would
             step = rng.randint(1, 700)
-            stats.log.extend(records[position : position + step])
+            stats.add_records(records[position : position + step])
             position += step
             if rng.random() < 0.5:
                 stats.fold()
@@ -80,7 +80,7 @@ def test_chunks_of_ordinary_exits_fold_exactly() -> None:
             exited = resume + rng.randint(0, 30_000)
             handled = exited + rng.randint(0, 3_000)
             key = rng.choice(keys)
-            stats.log.append((key, exited, handled, handled))
+            stats.add_records([(key, exited, handled, handled)])
             handling.setdefault(key, LatencyHistogram()).record(handled - exited)
             guest.record(exited - resume)
             resume = handled
@@ -92,12 +92,12 @@ def test_chunks_of_ordinary_exits_fold_exactly() -> None:
 def test_readers_see_pending_exits_and_kicks() -> None:
     stats = VcpuExitStats(0)
     stats.begin(0)
-    stats.log.append((KEYS[0], 10, 15, 15))
+    stats.add_records([(KEYS[0], 10, 15, 15)])
     assert stats.count(KEYS[0]) == 1
     assert stats.returns_without_kick == 1
-    stats.log += [(GUEST_ONLY, 40, 40, 40), (REBASE, 60, 60, 60)]
+    stats.add_records([(GUEST_ONLY, 40, 40, 40), (REBASE, 60, 60, 60)])
     stats.kicks += 1
-    stats.log.append((KEYS[1], 100, 130, 130))
+    stats.add_records([(KEYS[1], 100, 130, 130)])
     assert stats.returns_without_kick == 2
     assert stats.guest.count == 3
     assert stats.guest.sum == 10 + 25 + 40
@@ -116,3 +116,21 @@ def test_record_many_equals_record_each() -> None:
             one_by_one.record(value)
         bulk.record_many(values)
         assert bulk == one_by_one
+
+
+def test_record_many_of_values_in_wide_buckets_equals_record_each() -> None:
+    """Batches whose smallest value puts every value in buckets 16 ns wide or wider are counted by
+    coarse value: check bucket edges at every such smallest value's scale, and the last bucket."""
+    rng = random.Random(11)
+    for low_bits in range(9, 50):
+        low = 1 << (low_bits - 1)
+        for _ in range(3):
+            base = rng.randint(low, 2 * low)
+            values = [base + rng.choice((0, 1, rng.randint(0, 64), rng.randint(0, base), 1 << 46))
+                      for _ in range(rng.randint(1, 300))]  # fmt: skip
+            values += [value - value % 16 for value in values[:5]] + [value | 15 for value in values[:5]]
+            one_by_one, bulk = LatencyHistogram(), LatencyHistogram()
+            for value in values:
+                one_by_one.record(value)
+            bulk.record_many(values)
+            assert bulk == one_by_one, (low_bits, values)

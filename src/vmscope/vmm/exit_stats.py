@@ -3,10 +3,12 @@
 Per exit key (see ``vmm.exit_keys``) one :class:`LatencyHistogram` of the time the VMM spent
 handling the exit, plus one histogram of guest time between exits.
 
-The exit loop does not touch the histograms. It appends one ``(key, exit_ns, handled_ns,
-resume_ns)`` tuple per exit to :attr:`VcpuExitStats.log` (clock reads when KVM_RUN returned,
-when the exit was handled, and before KVM_RUN is called again: the same read as handled_ns
-unless exit hooks ran), which costs one list append instead of two histogram updates.
+The exit loop does not touch the histograms. It extends :attr:`VcpuExitStats.log` by one
+record of :data:`RECORD_FIELDS` ints per exit, ``key, exit_ns, handled_ns, resume_ns`` (clock
+reads when KVM_RUN returned, when the exit was handled, and before KVM_RUN is called again: the
+same read as handled_ns unless exit hooks ran), which costs one list extend instead of two
+histogram updates. The log is flat, not a list of tuples: the loop's temporary tuple is freed at
+once (so every exit reuses the same memory) and a fold takes each field with one slice.
 :meth:`VcpuExitStats.fold` turns pending records into exactly the histograms that recording
 each duration would have built (guest time = exit_ns - previous resume_ns, handling =
 handled_ns - exit_ns), with C-level bulk passes. It runs when the loop's log reaches
@@ -23,8 +25,7 @@ own access (exit_keys.ACCESS_OUT_COALESCED / ACCESS_WRITE_COALESCED), and fold i
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from operator import sub
 
 from vmscope.histogram import LatencyHistogram
@@ -40,6 +41,8 @@ FOLD_EVERY = 4096
 
 #: (key or GUEST_ONLY or REBASE, exit_ns, handled_ns, resume_ns)
 ExitRecord = tuple[int, int, int, int]
+#: ints per record in the flat log
+RECORD_FIELDS = 4
 
 
 class VcpuExitStats:
@@ -47,8 +50,9 @@ class VcpuExitStats:
 
     def __init__(self, vcpu_id: int) -> None:
         self.vcpu_id = vcpu_id
-        #: raw records appended by the exit loop (owned by it; only fold() removes from it)
-        self.log: list[ExitRecord] = []
+        #: raw records, flat (RECORD_FIELDS ints each), added by the exit loop with one extend
+        #: per record (owned by it; only fold() removes from it)
+        self.log: list[int] = []
         self._handling: dict[int, LatencyHistogram] = {}
         self._guest = LatencyHistogram()
         #: resume_ns of the last folded record: where the next guest interval starts
@@ -64,7 +68,13 @@ class VcpuExitStats:
 
     def begin(self, now_ns: int) -> None:
         """The loop is about to enter the guest for the first time at ``now_ns``."""
-        self.log.append((REBASE, now_ns, now_ns, now_ns))
+        self.log.extend((REBASE, now_ns, now_ns, now_ns))
+
+    def add_records(self, records: Iterable[ExitRecord]) -> None:
+        """Append records as the exit loop does (for code that replays or synthesizes exits)."""
+        extend = self.log.extend
+        for record in records:
+            extend(record)
 
     @property
     def handling(self) -> dict[int, LatencyHistogram]:
@@ -110,8 +120,8 @@ class VcpuExitStats:
         if not log:
             return
         with self._fold_lock:
-            # Copy and delete are each one C call under the GIL, and the loop only appends at
-            # the end: the records taken are exactly the ones removed, none half-written.
+            # Copy and delete are each one C call under the GIL, and the loop only extends at
+            # the end by whole records: the ints taken are exactly the ones removed, whole records.
             count = len(log)
             records = log[:count]
             del log[:count]
@@ -130,29 +140,36 @@ class VcpuExitStats:
             for key, values in by_key.items():
                 self._histogram(key).record_many(values)
 
-    def _fold_records(self, records: list[ExitRecord]) -> None:
-        keys, exits, handled, resumes = zip(*records, strict=True)
+    def _fold_records(self, records: list[int]) -> None:
+        keys = records[0::RECORD_FIELDS]
         if min(keys) < 0:  # kicks, EAGAIN, the start: rare, so record by record
             self._fold_slowly(records)
             return
-        self._guest.record_many(list(map(sub, exits, (self._base_ns, *resumes[:-1]))))
-        self._base_ns = resumes[-1]
+        exits, handled = records[1::RECORD_FIELDS], records[2::RECORD_FIELDS]
+        previous_resumes = records[3::RECORD_FIELDS]
+        previous_resumes.insert(0, self._base_ns)  # each exit's guest time starts at the last resume
+        self._base_ns = previous_resumes.pop()
+        self._guest.record_many(list(map(sub, exits, previous_resumes)))
         handling = list(map(sub, handled, exits))
-        distinct = set(keys)
-        if len(distinct) == 1:
-            self._histogram(keys[0]).record_many(handling)
+        first = keys[0]
+        if keys.count(first) == len(keys):
+            self._histogram(first).record_many(handling)
             return
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        sorted_keys = list(map(keys.__getitem__, order))
-        sorted_handling = list(map(handling.__getitem__, order))
-        for key in distinct:
-            low, high = bisect_left(sorted_keys, key), bisect_right(sorted_keys, key)
-            self._histogram(key).record_many(sorted_handling[low:high])
+        by_key: dict[int, list[int]] = {}
+        for key, handling_ns in zip(keys, handling, strict=True):
+            values = by_key.get(key)
+            if values is None:
+                by_key[key] = [handling_ns]
+            else:
+                values.append(handling_ns)
+        for key, values in by_key.items():
+            self._histogram(key).record_many(values)
 
-    def _fold_slowly(self, records: list[ExitRecord]) -> None:
+    def _fold_slowly(self, records: list[int]) -> None:
         base = self._base_ns
         guest = self._guest
-        for key, exit_ns, handled_ns, resume_ns in records:
+        fields = [iter(records)] * RECORD_FIELDS
+        for key, exit_ns, handled_ns, resume_ns in zip(*fields, strict=True):
             if key != REBASE:
                 guest.record(exit_ns - base)
                 if key >= 0:

@@ -2,7 +2,7 @@
 
 This is the hot path. The loop keeps everything it touches in local variables, reads the
 exit from the shared kvm_run page with precompiled structs, calls the device's write bound
-once per port, and appends two raw timestamps per exit to the vCPU's exit log, which
+once per port, and adds one flat record (the exit key and its clock reads) to the vCPU's exit log, which
 ``VcpuExitStats.fold`` turns into the exact histograms off the per-exit path. Rare exits go to
 ``_handle_rare_exit``. Control (stop, pause, sampling kicks) arrives as a signal that makes
 KVM_RUN fail with EINTR, so the common path carries no flag checks at all.
@@ -248,9 +248,10 @@ class VcpuRunner:
         ring: Sequence[int] = coalescing.ring.indices if coalescing is not None else (0, 0)
         clock = time.perf_counter_ns
         stats = self.stats
-        # one tuple per exit; stats.fold() turns them into the exact histograms later
-        record = stats.log.append
+        # one flat record per exit; stats.fold() turns them into the exact histograms later
+        record = stats.log.extend
         fold = stats.fold
+        settle_pio, settle_mmio = pio_bus.settle_unclaimed_writes, mmio_bus.settle_unclaimed_writes
         fold_countdown = FOLD_EVERY
         hooks_active = self.hooks_active
         hook_cache = self.hook_cache
@@ -344,6 +345,8 @@ class VcpuRunner:
             fold_countdown -= 1
             if not fold_countdown:
                 fold()  # bounds the log; folding costs far less than recording each exit did
+                settle_pio()  # and the buses' pending unclaimed writes
+                settle_mmio()
                 fold_countdown = FOLD_EVERY
                 now = clock()  # nor is folding time: the next guest interval starts after it
             record((key, exited, handled, now))
