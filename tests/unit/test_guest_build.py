@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -173,3 +174,34 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert cache_dir() == tmp_path / "xdg" / "vmscope"
     monkeypatch.setenv("VMSCOPE_CACHE_DIR", str(tmp_path / "explicit"))
     assert cache_dir() == tmp_path / "explicit"
+
+
+def test_a_cached_guest_starts_without_running_any_tool(
+    demo_elf: Path, demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a cached guest ran a tool: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    assert build_demo_into(demo_cache) == demo_elf
+
+
+def test_a_different_compiler_gets_a_new_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The toolchain is part of the key: here a gcc wrapper on PATH, then the same wrapper changed."""
+    monkeypatch.setenv("VMSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    real_gcc = shutil.which("gcc")
+    assert real_gcc is not None
+    wrapper_dir = tmp_path / "bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "gcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real_gcc} "$@"\n')
+    wrapper.chmod(0o755)
+    system = demo_guest()
+    monkeypatch.setenv("PATH", f"{wrapper_dir}:{os.environ['PATH']}")
+    wrapped = demo_guest()
+    wrapper.write_text(f'#!/bin/sh\n# upgraded\nexec {real_gcc} "$@"\n')
+    upgraded = demo_guest()
+    assert len({system, wrapped, upgraded}) == 3
+    assert system.read_bytes() == wrapped.read_bytes() == upgraded.read_bytes()
