@@ -30,6 +30,8 @@ SUCCESS_STATUS = 33  # exit_loop ends with debug_exit(0x10)
 TARGET_RATIO_TO_REFERENCE = 1.15
 #: issue 15: vmscope's exit round trip against the bare Python loop (the floor any Python VMM pays)
 TARGET_RATIO_TO_FLOOR = 1.05
+#: guest RAM in MiB, the same for every VMM (registering RAM with KVM costs time that grows with it)
+GUEST_MEM_MIB = 64
 
 sys.path.insert(0, str(SRC))
 
@@ -108,7 +110,9 @@ def build_reference(directory: Path) -> Path:
 
 
 def reference_vmm(binary: Path) -> Vmm:
-    return Vmm("C reference", lambda elf, cmdline: [str(binary), "-c", cmdline, str(elf)])
+    return Vmm(
+        "C reference", lambda elf, cmdline: [str(binary), "-m", str(GUEST_MEM_MIB), "-c", cmdline, str(elf)]
+    )
 
 
 def vmscope_vmm(src: Path = SRC, name: str = "vmscope", coalesce: str | None = "off") -> Vmm:
@@ -119,7 +123,8 @@ def vmscope_vmm(src: Path = SRC, name: str = "vmscope", coalesce: str | None = "
     extra = ["--coalesce", coalesce] if coalesce is not None else []
 
     def command(elf: Path, cmdline: str) -> list[str]:
-        run = ["run", "--elf", str(elf), "--cmdline", cmdline, "--serial", "none", *extra]
+        run = ["run", "--elf", str(elf), "--cmdline", cmdline, "--serial", "none"]
+        run += ["--mem", f"{GUEST_MEM_MIB}M", *extra]
         return [sys.executable, "-m", "vmscope.cli.main", *run]
 
     note = "" if src == SRC else f"source tree {src}"
@@ -132,7 +137,7 @@ def python_floor_vmm() -> Vmm:
     script = Path(__file__).resolve().with_name("python_floor.py")
     return Vmm(
         "bare Python loop",
-        lambda elf, cmdline: [sys.executable, str(script), str(elf), cmdline],
+        lambda elf, cmdline: [sys.executable, str(script), str(elf), cmdline, f"{GUEST_MEM_MIB}M"],
         note="KVM_RUN + exit decode only: the floor for any Python VMM",
     )
 
@@ -147,7 +152,7 @@ def qemu_vmm(binary: str, cpu: str) -> Vmm:
             "-cpu",
             cpu,
             "-m",
-            "64M",
+            f"{GUEST_MEM_MIB}M",
             "-smp",
             "1",
             "-nodefaults",

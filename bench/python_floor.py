@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cheapest exit loop Python can run: the floor for any Python VMM on this host.
 
-    python bench/python_floor.py GUEST.elf n=200000
+    python bench/python_floor.py GUEST.elf n=200000 [MEM]
 
 Sets the guest up with vmscope (memory, CPUID, PVH load), then runs vCPU 0 in a bare loop:
 KVM_RUN, read the exit reason and port, nothing else: no devices, no accounting, no hooks.
@@ -23,7 +23,8 @@ from vmscope.vmm.machine import Machine
 
 def main() -> int:
     guest, cmdline = sys.argv[1], sys.argv[2]
-    with Machine(mem="64M") as machine:
+    mem = sys.argv[3] if len(sys.argv) > 3 else "64M"
+    with Machine(mem=mem) as machine:
         machine.load(guest, cmdline=cmdline)
         vcpu = machine.runners[0].vcpu
         kvm_run, run_page = vcpu.kvm_run, vcpu.run_buffer
