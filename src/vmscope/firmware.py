@@ -10,15 +10,13 @@ guest. Nothing probes ports or looks for attributes to find out what the machine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 #: FADT IA-PC boot architecture flags a device can ask for
 BootFlag = Literal["cmos_rtc", "i8042"]
 
 
-@dataclass(frozen=True)
-class FirmwareContribution:
+class FirmwareContribution(NamedTuple):
     """One contributor's part of the firmware description."""
 
     #: (base, size, gsi) of virtio-mmio windows, described as DSDT devices VR00, VR01, ... in order

@@ -30,8 +30,8 @@ per virtio-mmio device.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from vmscope.arch.x86.acpi_registers import (
@@ -147,16 +147,19 @@ class PhysicalMemory(Protocol):
     def read(self, gpa: int, length: int, /) -> bytes: ...
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+_NO_ADDRESSES: Mapping[str, int] = MappingProxyType({})
+
+
+class AcpiTables(NamedTuple):
     """Where the generated tables went."""
 
     rsdp_address: int
     #: the guest-physical ranges the tables occupy, as E820 ACPI entries (inside the legacy
     #: BIOS hole that build_e820 already reserves, so passing them to the loader is optional)
     reserved_ranges: tuple[E820Entry, ...]
-    #: signature -> guest-physical address of each table (RSDP, XSDT, RSDT, FADT, FACS, MADT, DSDT)
-    addresses: dict[str, int] = field(default_factory=dict)
+    #: signature -> guest-physical address of each table (RSDP, XSDT, RSDT, FADT, FACS, MADT, DSDT);
+    #: a read-only empty mapping by default (a NamedTuple default is shared by every instance)
+    addresses: Mapping[str, int] = _NO_ADDRESSES
 
 
 # -- checksums and headers ----------------------------------------------------------------
@@ -535,8 +538,7 @@ class AcpiParseError(ValueError):
     """The tables in guest memory are not what the ACPI spec requires."""
 
 
-@dataclass(frozen=True)
-class AcpiTable:
+class AcpiTable(NamedTuple):
     signature: str
     address: int
     length: int
@@ -546,15 +548,13 @@ class AcpiTable:
     data: bytes
 
 
-@dataclass(frozen=True)
-class MadtEntry:
+class MadtEntry(NamedTuple):
     type: int
     length: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class ParsedMadt:
+class ParsedMadt(NamedTuple):
     local_apic_address: int
     flags: int
     entries: tuple[MadtEntry, ...]
@@ -575,8 +575,7 @@ class ParsedMadt:
         return [e for e in self.entries if e.type == entry_type]
 
 
-@dataclass(frozen=True)
-class ParsedAcpi:
+class ParsedAcpi(NamedTuple):
     rsdp_address: int
     rsdp_revision: int
     rsdp_checksum_ok: bool

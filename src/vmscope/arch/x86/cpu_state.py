@@ -7,7 +7,7 @@ kvm_regs/kvm_sregs. Keeping it plain data lets the boot logic be unit-tested wit
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4
@@ -26,8 +26,7 @@ class CpuMode(enum.Enum):
     LONG = "long"  # 64-bit, identity-mapped low 4 GiB
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register's hidden state, laid out as struct kvm_segment."""
 
     base: int = 0
@@ -44,8 +43,7 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass(frozen=True)
-class DescriptorTable:
+class DescriptorTable(NamedTuple):
     base: int = 0
     limit: int = 0xFFFF
 
@@ -56,9 +54,16 @@ GPR_NAMES = (
 )  # fmt: skip
 
 
-@dataclass
 class CpuEntryState:
-    """Everything the boot vCPU needs set before its first KVM_RUN."""
+    """Everything the boot vCPU needs set before its first KVM_RUN.
+
+    Mutable: mode setup and loaders adjust control registers and ``gprs`` after building it.
+    """
+
+    __slots__ = (
+        "cr0", "cr3", "cr4", "cs", "ds", "efer", "es", "fs", "gdt", "gprs",
+        "gs", "idt", "ldt", "mode", "rflags", "rip", "ss", "tr",
+    )  # fmt: skip
 
     rip: int
     mode: CpuMode
@@ -72,10 +77,50 @@ class CpuEntryState:
     ldt: Segment
     gdt: DescriptorTable
     idt: DescriptorTable
-    cr0: int = CR0_ET | CR0_NE
-    cr3: int = 0
-    cr4: int = 0
-    efer: int = 0
-    rflags: int = 0x2
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    rflags: int
     #: general-purpose registers by lower-case name (rsp included), e.g. {"rbx": 0x6000}
-    gprs: dict[str, int] = field(default_factory=dict)
+    gprs: dict[str, int]
+
+    def __init__(
+        self,
+        rip: int,
+        mode: CpuMode,
+        cs: Segment,
+        ds: Segment,
+        es: Segment,
+        fs: Segment,
+        gs: Segment,
+        ss: Segment,
+        tr: Segment,
+        ldt: Segment,
+        gdt: DescriptorTable,
+        idt: DescriptorTable,
+        cr0: int = CR0_ET | CR0_NE,
+        cr3: int = 0,
+        cr4: int = 0,
+        efer: int = 0,
+        rflags: int = 0x2,
+        gprs: dict[str, int] | None = None,
+    ) -> None:
+        self.rip = rip
+        self.mode = mode
+        self.cs = cs
+        self.ds = ds
+        self.es = es
+        self.fs = fs
+        self.gs = gs
+        self.ss = ss
+        self.tr = tr
+        self.ldt = ldt
+        self.gdt = gdt
+        self.idt = idt
+        self.cr0 = cr0
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.efer = efer
+        self.rflags = rflags
+        self.gprs = {} if gprs is None else gprs

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from vmscope.errors import ConfigError
 from vmscope.version import __version__
@@ -31,12 +31,12 @@ VMSCOPE_MAX_LEAF = HYPERVISOR_BASE + 1
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One CPUID leaf/sub-leaf, laid out as struct kvm_cpuid_entry2."""
 
     function: int
-    index: int = 0
+    #: the field shadows tuple.index(), which nothing calls on an entry
+    index: int = 0  # type: ignore[assignment]
     flags: int = 0
     eax: int = 0
     ebx: int = 0
@@ -48,13 +48,13 @@ class CpuidEntry:
         return value
 
 
-@dataclass(frozen=True)
-class FeatureBit:
+class FeatureBit(NamedTuple):
     """Where a named feature flag lives: CPUID.(function, index).register[bit]."""
 
     name: str
     function: int
-    index: int
+    #: the field shadows tuple.index(), which nothing calls on a feature bit
+    index: int  # type: ignore[assignment]
     register: str
     bit: int
 
@@ -206,8 +206,7 @@ _AMD_VENDORS = (b"AuthenticAMD", b"HygonGenuine")
 _TOKEN = re.compile(r"^([+-])([a-z0-9][a-z0-9_.\-]*)$")
 
 
-@dataclass(frozen=True)
-class FeaturePolicy:
+class FeaturePolicy(NamedTuple):
     """Features to hide from the guest (``disable``) or to require of the host (``enable``)."""
 
     enable: frozenset[str] = frozenset()
@@ -318,7 +317,7 @@ class _Table:
             return
         value = entry.register(feature.register)
         value = value | 1 << feature.bit if on else value & ~(1 << feature.bit)
-        self.put(replace(entry, **{feature.register: value}))
+        self.put(entry._replace(**{feature.register: value}))
 
     def vendor(self) -> bytes:
         leaf0 = self.get(0)
@@ -401,7 +400,7 @@ def _drop_xsave_components(table: _Table, components: Sequence[int]) -> None:
     mask = sum(1 << component for component in components)
     main_leaf = table.get(0xD, 0)
     if main_leaf is not None:
-        table.put(replace(main_leaf, eax=main_leaf.eax & ~mask))
+        table.put(main_leaf._replace(eax=main_leaf.eax & ~mask))
     for component in components:
         table.drop(0xD, component)
 
@@ -412,14 +411,14 @@ def _set_topology(table: _Table, vcpu_id: int, cpu_count: int) -> None:
     if leaf1 is not None:
         ebx = (leaf1.ebx & 0xFFFF) | min(cpu_count, 0xFF) << 16 | (vcpu_id & 0xFF) << 24
         edx = leaf1.edx | _LEAF_1_EDX_HTT if cpu_count > 1 else leaf1.edx & ~_LEAF_1_EDX_HTT
-        table.put(replace(leaf1, ebx=ebx, edx=edx))
+        table.put(leaf1._replace(ebx=ebx, edx=edx))
 
     # Deterministic cache parameters: one core per thread; L3 shared by all cores.
     for entry in table.functions(4, 5):
         level = (entry.eax >> 5) & 0x7
         sharing = cpu_count if level >= 3 else 1
         eax = entry.eax & 0x3FFF | (min(sharing, 0x1000) - 1) << 14 | (min(cpu_count, 64) - 1) << 26
-        table.put(replace(entry, eax=eax))
+        table.put(entry._replace(eax=eax))
 
     leaf0 = table.get(0)
     present = [leaf for leaf in _TOPOLOGY_LEAVES if table.get(leaf) is not None or leaf == 0xB]
@@ -441,13 +440,13 @@ def _set_topology(table: _Table, vcpu_id: int, cpu_count: int) -> None:
             CpuidEntry(leaf, len(levels), KVM_CPUID_FLAG_SIGNIFICANT_INDEX, ecx=len(levels), edx=vcpu_id)
         )
     if leaf0 is not None and leaf0.eax < 0xB:
-        table.put(replace(leaf0, eax=0xB))
+        table.put(leaf0._replace(eax=0xB))
 
     if table.vendor() in _AMD_VENDORS:
         extended = table.get(0x8000_0008)
         if extended is not None:
             ecx = extended.ecx & ~0xF0FF | shift << 12 | (cpu_count - 1) & 0xFF
-            table.put(replace(extended, ecx=ecx))
+            table.put(extended._replace(ecx=ecx))
 
 
 def _install_hypervisor_leaves(table: _Table) -> None:
@@ -455,9 +454,9 @@ def _install_hypervisor_leaves(table: _Table) -> None:
     for entry in table.functions(HYPERVISOR_BASE, HYPERVISOR_BASE + 2 * HYPERVISOR_LEAF_STRIDE):
         table.drop(entry.function, entry.index)
     for entry in host_leaves:
-        moved = replace(entry, function=entry.function + HYPERVISOR_LEAF_STRIDE)
+        moved = entry._replace(function=entry.function + HYPERVISOR_LEAF_STRIDE)
         if entry.function == HYPERVISOR_BASE and HYPERVISOR_BASE <= entry.eax < KVM_LEAVES_BASE:
-            moved = replace(moved, eax=entry.eax + HYPERVISOR_LEAF_STRIDE)
+            moved = moved._replace(eax=entry.eax + HYPERVISOR_LEAF_STRIDE)
         table.put(moved)
     ebx, ecx, edx = signature_registers(VMSCOPE_CPUID_SIGNATURE)
     table.put(CpuidEntry(HYPERVISOR_BASE, 0, 0, eax=VMSCOPE_MAX_LEAF, ebx=ebx, ecx=ecx, edx=edx))

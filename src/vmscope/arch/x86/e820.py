@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.arch.x86.layout import EBDA_START, HIGH_MEMORY_START
 from vmscope.memory.guest_memory import GuestMemory
@@ -17,8 +17,7 @@ class E820Type(enum.IntEnum):
     UNUSABLE = 5
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     address: int
     size: int
     type: E820Type

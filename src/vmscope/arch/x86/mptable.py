@@ -14,7 +14,7 @@ pin n), and local interrupt entries LINT0 = ExtINT (the 8259 in virtual-wire mod
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.arch.x86.acpi import IO_APIC_ADDRESS, LOCAL_APIC_ADDRESS, MAX_CPUS, PhysicalMemory, io_apic_id
 from vmscope.errors import ConfigError
@@ -67,8 +67,7 @@ def isa_irq_to_pin(irq: int) -> int:
     return 2 if irq == 0 else irq
 
 
-@dataclass(frozen=True)
-class MpTable:
+class MpTable(NamedTuple):
     floating_pointer_address: int
     config_table_address: int
     #: bytes from the floating pointer to the end of the configuration table
@@ -171,14 +170,12 @@ class MpTableParseError(ValueError):
     """The MP structures in guest memory are malformed."""
 
 
-@dataclass(frozen=True)
-class MpEntry:
+class MpEntry(NamedTuple):
     type: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class ParsedMpTable:
+class ParsedMpTable(NamedTuple):
     floating_pointer_address: int
     floating_pointer_checksum_ok: bool
     spec_revision: int
