@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.devices.base import Device
 from vmscope.errors import BusConflictError
@@ -23,8 +23,7 @@ from vmscope.errors import BusConflictError
 log = logging.getLogger("vmscope.bus")
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     """One device window on a bus."""
 
     base: int

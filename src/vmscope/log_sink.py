@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: lines per cause let through in each interval, and the interval; $VMSCOPE_LOG_BURST overrides
 #: the burst (0: no limit), for debugging a device model that needs every line
@@ -39,20 +39,21 @@ _Cause = tuple[str, int, str, str]
 _OVERFLOW_CAUSE: _Cause = ("", 0, "(other causes)", "")
 
 
-@dataclass(frozen=True)
-class LogCounts:
+class LogCounts(NamedTuple):
     """Lines held back since start-up: over a cause's rate limit, or dropped with the writer behind."""
 
     suppressed: int = 0
     dropped: int = 0
 
 
-@dataclass
 class _CauseState:
-    window_start: float
-    passed: int = 0
-    suppressed: int = 0
-    template: str = ""
+    __slots__ = ("passed", "suppressed", "template", "window_start")
+
+    def __init__(self, window_start: float, passed: int = 0, suppressed: int = 0, template: str = "") -> None:
+        self.window_start = window_start
+        self.passed = passed
+        self.suppressed = suppressed
+        self.template = template
 
 
 def _cause_of(record: logging.LogRecord) -> _Cause:

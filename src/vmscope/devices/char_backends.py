@@ -29,8 +29,7 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from vmscope import sandbox
 from vmscope.errors import ConfigError
@@ -246,8 +245,7 @@ class FileBackend(SerialBackend):
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class SerialSpec:
+class SerialSpec(NamedTuple):
     """A parsed ``--serial`` value."""
 
     kind: SerialKind

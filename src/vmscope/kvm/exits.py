@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.kvm import constants as c
 from vmscope.kvm import structs as s
@@ -61,8 +61,7 @@ MMIO_EXIT = _struct_for(s._exit_mmio, ("phys_addr", "data", "len", "is_write"))
 MMIO_DATA_OFFSET: int = EXIT_UNION_OFFSET + s._exit_mmio.data.offset
 
 
-@dataclass(frozen=True, slots=True)
-class RareExit:
+class RareExit(NamedTuple):
     """Every exit other than IO and MMIO, as plain data (built by :func:`decode_rare_exit`)."""
 
     reason: int

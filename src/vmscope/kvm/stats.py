@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.kvm import structs as s
 
@@ -17,8 +17,7 @@ STATS_TYPES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear-hist", 4: "l
 STATS_UNITS = {0: "", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
 
 
-@dataclass(frozen=True)
-class StatDescriptor:
+class StatDescriptor(NamedTuple):
     name: str
     kind: str
     unit: str

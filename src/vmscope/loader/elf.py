@@ -13,8 +13,8 @@ import itertools
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.layout import (
@@ -50,17 +50,24 @@ _NOTE_HEADER = struct.Struct("<III")
 PF_X, PF_W, PF_R = 1, 2, 4
 
 
-@dataclass(frozen=True)
 class ElfSegment:
-    """One PT_LOAD program header (only those with a non-zero memory size are kept)."""
+    """One PT_LOAD program header (only those with a non-zero memory size are kept).
 
-    index: int
-    offset: int
-    paddr: int
-    vaddr: int
-    filesz: int
-    memsz: int
-    flags: int
+    A plain class, not a NamedTuple: the ``index`` field would shadow ``tuple.index``.
+    """
+
+    __slots__ = ("filesz", "flags", "index", "memsz", "offset", "paddr", "vaddr")
+
+    def __init__(
+        self, index: int, offset: int, paddr: int, vaddr: int, filesz: int, memsz: int, flags: int
+    ) -> None:
+        self.index = index
+        self.offset = offset
+        self.paddr = paddr
+        self.vaddr = vaddr
+        self.filesz = filesz
+        self.memsz = memsz
+        self.flags = flags
 
     @property
     def end(self) -> int:
@@ -76,8 +83,7 @@ class ElfSegment:
         return f"segment {self.index} ({self.paddr:#x}-{self.end:#x})"
 
 
-@dataclass(frozen=True)
-class ElfNote:
+class ElfNote(NamedTuple):
     """A note from a PT_NOTE program header; ``name`` without its terminating NUL."""
 
     name: bytes
@@ -85,8 +91,7 @@ class ElfNote:
     desc: bytes
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     """The validated structure of an ELF file: what to load and the notes it carries."""
 
     path: Path

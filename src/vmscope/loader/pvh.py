@@ -17,8 +17,8 @@ import itertools
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vmscope.arch.x86.cpu_state import CpuMode
 from vmscope.arch.x86.e820 import E820Entry, build_e820
@@ -136,8 +136,7 @@ def merge_memory_map(base: Sequence[E820Entry], extra: Sequence[E820Entry]) -> l
 # -- modules ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Module:
+class _Module(NamedTuple):
     path: Path
     size: int
     address: int = 0

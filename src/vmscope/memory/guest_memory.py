@@ -14,7 +14,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmscope.errors import ConfigError, GuestMemoryError
 
@@ -33,8 +33,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     """A contiguous range of guest-physical RAM backed by one host mapping."""
 
     guest_base: int

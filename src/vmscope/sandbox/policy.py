@@ -8,7 +8,7 @@ or I/O thread, ...
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: ioctl type byte of every KVM request (_IO(KVMIO, nr) etc.): vCPU, I/O and main threads may
 #: issue KVM requests only, on descriptors they already hold
@@ -63,8 +63,7 @@ MAIN = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ThreadPolicy:
+class ThreadPolicy(NamedTuple):
     kind: str
     syscalls: tuple[str, ...]
     #: ioctl request numbers allowed besides KVM's (matched exactly)
