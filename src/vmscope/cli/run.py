@@ -180,8 +180,6 @@ def build_machine(args: argparse.Namespace) -> Machine:
     sandbox.configure(args.seccomp)
     if args.restore is not None:
         return _restore_machine(args)
-    import dataclasses
-
     from vmscope.arch.x86.cpu_state import CpuMode
     from vmscope.memory.guest_memory import parse_size
     from vmscope.vmm.assemble import assemble_machine
@@ -228,7 +226,7 @@ def build_machine(args: argparse.Namespace) -> Machine:
         guest = machine.guest
         if guest is not None:  # what a snapshot needs to describe the image it continues
             symbol_file = str(guest.symbol_file.absolute()) if guest.symbol_file is not None else None
-            machine.config = dataclasses.replace(config, guest_image=symbol_file, guest_kind=guest.kind)
+            machine.config = config._replace(guest_image=symbol_file, guest_kind=guest.kind)
         if args.symbols or args.kernel is not None:  # a stock kernel names its code by kallsyms
             machine.symbolize = symbolizer_for(machine, args.symbols, args.kernel)
     except BaseException:

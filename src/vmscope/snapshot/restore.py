@@ -9,7 +9,6 @@ controller), then the VM's PIT, clock and interrupt controllers, then each vCPU.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ def _with_overrides(config: MachineConfig, overrides: BackendOverrides) -> Machi
         changes["disks"] = tuple(overrides.disks)
     if overrides.nets:
         changes["nets"] = tuple(overrides.nets)
-    return dataclasses.replace(config, **changes)
+    return config._replace(**changes)
 
 
 def read_snapshot_config(path: Path) -> tuple[MachineConfig, dict[str, Any]]:

@@ -8,15 +8,18 @@ may be overridden on restore.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from vmscope.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class MachineConfig:
-    """Machine size, CPU model, devices and their backends, and which guest was booted."""
+class MachineConfig(NamedTuple):
+    """Machine size, CPU model, devices and their backends, and which guest was booted.
+
+    A NamedTuple, not a dataclass (start-up time): change fields with ``_replace``; it compares
+    equal to a plain tuple of the same values, and :meth:`to_json` (not ``json.dumps(config)``,
+    which would write a list) is its JSON form.
+    """
 
     mem: int
     cpus: int = 1
@@ -40,10 +43,10 @@ class MachineConfig:
     guest_kind: str = ""
     cmdline: str = ""
     #: extra symbol files given with --symbols
-    symbols: tuple[str, ...] = field(default_factory=tuple)
+    symbols: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self._asdict()
         for name in ("disks", "nets", "symbols"):
             data[name] = list(data[name])
         return data
@@ -53,8 +56,7 @@ class MachineConfig:
         """The inverse of :meth:`to_json`; a wrong field is a ConfigError naming it."""
         if not isinstance(data, dict):
             raise ConfigError("machine configuration: expected a JSON object")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(cls._fields))
         if unknown:
             raise ConfigError(f"machine configuration: unknown field(s) {', '.join(unknown)}")
         values: dict[str, Any] = {}

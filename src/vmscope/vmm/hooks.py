@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmscope.kvm import constants as c
@@ -23,10 +22,10 @@ if TYPE_CHECKING:
     from vmscope.vmm.runner import VcpuRunner
 
 
-
-@dataclass(slots=True)
 class ExitEvent:
-    """One VM exit as a hook sees it."""
+    """One VM exit as a hook sees it (created per hooked exit: a plain class with slots)."""
+
+    __slots__ = ("access", "address", "data", "handling_ns", "reason", "rip", "runner", "vcpu")
 
     vcpu: int
     reason: str
@@ -41,6 +40,33 @@ class ExitEvent:
     #: guest instruction pointer at the exit (0 when registers are not synced)
     rip: int
     runner: VcpuRunner
+
+    def __init__(
+        self,
+        vcpu: int,
+        reason: str,
+        address: int,
+        access: str,
+        data: bytes,
+        handling_ns: int,
+        rip: int,
+        runner: VcpuRunner,
+    ) -> None:
+        self.vcpu = vcpu
+        self.reason = reason
+        self.address = address
+        self.access = access
+        self.data = data
+        self.handling_ns = handling_ns
+        self.rip = rip
+        self.runner = runner
+
+    def __repr__(self) -> str:  # for hooks that print their events
+        return (
+            f"ExitEvent(vcpu={self.vcpu!r}, reason={self.reason!r}, address={self.address!r}, "
+            f"access={self.access!r}, data={self.data!r}, handling_ns={self.handling_ns!r}, "
+            f"rip={self.rip!r}, runner={self.runner!r})"
+        )
 
 
 HookCallback = Callable[[ExitEvent], None]

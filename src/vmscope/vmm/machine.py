@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,21 +63,47 @@ DECOMPRESSION_CHOICES: tuple[Decompression, ...] = ("auto", "vmm", "guest")
 REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.IRQCHIP, Cap.PIT2, Cap.IMMEDIATE_EXIT, Cap.SET_TSS_ADDR, Cap.MP_STATE)
 
 
-@dataclass
 class RunResult:
     """How a run ended."""
 
+    __slots__ = ("crash", "duration_s", "emulated_instructions", "exit_status", "reason")
+
     exit_status: int
     reason: str
-    crash: CrashReport | None = None
-    duration_s: float = 0.0
+    crash: CrashReport | None
+    duration_s: float
     #: instructions KVM could not emulate that vmscope's fallback emulator completed
-    emulated_instructions: int = 0
+    emulated_instructions: int
+
+    def __init__(
+        self,
+        exit_status: int,
+        reason: str,
+        crash: CrashReport | None = None,
+        duration_s: float = 0.0,
+        emulated_instructions: int = 0,
+    ) -> None:
+        self.exit_status = exit_status
+        self.reason = reason
+        self.crash = crash
+        self.duration_s = duration_s
+        self.emulated_instructions = emulated_instructions
+
+    def __repr__(self) -> str:  # shown by tests' assertion messages and users' prints
+        return (
+            f"RunResult(exit_status={self.exit_status!r}, reason={self.reason!r}, crash={self.crash!r}, "
+            f"duration_s={self.duration_s!r}, emulated_instructions={self.emulated_instructions!r})"
+        )
 
 
-@dataclass(frozen=True, slots=True)
 class UnclaimedCount:
-    """Guest accesses of one width to a port or MMIO address that no device claimed."""
+    """Guest accesses of one width to a port or MMIO address that no device claimed.
+
+    A plain class, not a NamedTuple: a tuple's ``count`` method would clash with the field.
+    Compared and hashed by value; treat it as read-only.
+    """
+
+    __slots__ = ("address", "count", "is_write", "size", "space")
 
     space: str  # "pio" | "mmio"
     address: int
@@ -86,23 +111,65 @@ class UnclaimedCount:
     is_write: bool
     count: int
 
+    def __init__(self, space: str, address: int, size: int, is_write: bool, count: int) -> None:
+        self.space = space
+        self.address = address
+        self.size = size
+        self.is_write = is_write
+        self.count = count
 
-@dataclass
+    def _key(self) -> tuple[str, int, int, bool, int]:
+        return (self.space, self.address, self.size, self.is_write, self.count)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UnclaimedCount):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"UnclaimedCount(space={self.space!r}, address={self.address!r}, size={self.size!r}, "
+            f"is_write={self.is_write!r}, count={self.count!r})"
+        )
+
+
 class _StopState:
-    reason: str
-    exit_status: int
-    crash: CrashReport | None = None
+    __slots__ = ("crash", "exit_status", "reason")
+
+    def __init__(self, reason: str, exit_status: int, crash: CrashReport | None = None) -> None:
+        self.reason = reason
+        self.exit_status = exit_status
+        self.crash = crash
 
 
-@dataclass
 class DeviceMapping:
     """A device registered on a bus, as listed by :meth:`Machine.devices`."""
+
+    __slots__ = ("base", "bus", "device", "extra", "length")
 
     bus: str
     base: int
     length: int
     device: Device
-    extra: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, int]
+
+    def __init__(
+        self, bus: str, base: int, length: int, device: Device, extra: dict[str, int] | None = None
+    ) -> None:
+        self.bus = bus
+        self.base = base
+        self.length = length
+        self.device = device
+        self.extra = {} if extra is None else extra
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceMapping(bus={self.bus!r}, base={self.base!r}, length={self.length!r}, "
+            f"device={self.device!r}, extra={self.extra!r})"
+        )
 
 
 def _to_policy_entries(entries: Sequence[s.kvm_cpuid_entry2]) -> list[cpuid_policy.CpuidEntry]:

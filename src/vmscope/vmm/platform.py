@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vmscope.devices.acpi_pm import ACPI_PM_BASE, ACPI_PM_LENGTH, AcpiPm
 from vmscope.devices.char_backends import SerialBackend, open_serial_backend
 from vmscope.devices.cmos import Cmos
@@ -20,14 +18,39 @@ CMOS_PORT = 0x70
 POST_PORT = 0x80
 
 
-@dataclass
 class PlatformDevices:
+    """The devices :func:`install_platform_devices` mapped (``debug_exit`` None without a port)."""
+
+    __slots__ = ("acpi_pm", "cmos", "debug_exit", "i8042", "port80", "serial")
+
     serial: Uart16550
     debug_exit: DebugExit | None
     port80: Port80
     i8042: I8042
     cmos: Cmos
     acpi_pm: AcpiPm
+
+    def __init__(
+        self,
+        serial: Uart16550,
+        debug_exit: DebugExit | None,
+        port80: Port80,
+        i8042: I8042,
+        cmos: Cmos,
+        acpi_pm: AcpiPm,
+    ) -> None:
+        self.serial = serial
+        self.debug_exit = debug_exit
+        self.port80 = port80
+        self.i8042 = i8042
+        self.cmos = cmos
+        self.acpi_pm = acpi_pm
+
+    def __repr__(self) -> str:
+        return (
+            f"PlatformDevices(serial={self.serial!r}, debug_exit={self.debug_exit!r}, "
+            f"port80={self.port80!r}, i8042={self.i8042!r}, cmos={self.cmos!r}, acpi_pm={self.acpi_pm!r})"
+        )
 
 
 def install_platform_devices(

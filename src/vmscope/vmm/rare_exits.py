@@ -16,8 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vmscope.kvm import constants as c
 from vmscope.kvm.exits import RareExit
@@ -36,8 +35,7 @@ class ExitAction(enum.Enum):
     CRASH = "crash"
 
 
-@dataclass(frozen=True, slots=True)
-class RareExitDecision:
+class RareExitDecision(NamedTuple):
     action: ExitAction
     #: the stop or crash reason shown to the user, or a warning logged for CONTINUE
     message: str = ""

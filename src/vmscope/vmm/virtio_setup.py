@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vmscope.errors import ConfigError
 
@@ -31,8 +30,7 @@ if TYPE_CHECKING:
 TRANSPORTS = ("mmio", "pci")
 
 
-@dataclass(frozen=True)
-class DiskSpec:
+class DiskSpec(NamedTuple):
     path: Path
     readonly: bool = False
     transport: str | None = None
