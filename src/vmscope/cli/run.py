@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 
 from vmscope.errors import ConfigError
 
-# The machine, loaders and devices (and dataclasses, which costs ~10 ms to import) are imported
-# when a guest is built, not when the parser is: `vmscope run --help` must not load them
-# (start-up time, issue 15).
+# The machine, loaders and devices are imported when a guest is built, not when the parser is:
+# `vmscope run --help` must not load them (start-up time, issue 15).
 if TYPE_CHECKING:
     from vmscope.vmm.machine import Machine, RunResult
 
