@@ -149,3 +149,40 @@ def test_examples_run(script: str, expected: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+
+
+class StartCounter(vmscope.Device):
+    name = "start-counter"
+
+    def __init__(self, machine: vmscope.Machine) -> None:
+        self.machine = machine
+        self.starts: list[bool] = []  # whether any vCPU thread had started by then
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def start(self) -> None:
+        self.starts.append(any(runner.thread is not None for runner in self.machine.runners))
+
+
+def test_devices_start_once_when_the_machine_starts_and_at_once_when_added_later(tmp_path: Path) -> None:
+    """Devices begin asynchronous work (a UART's host input) only once every state is final:
+    a restored machine has loaded devices, interrupt controllers and vCPUs before it starts."""
+    image = tmp_path / "halt.bin"
+    image.write_bytes(b"\xf4\xeb\xfd")  # hlt; jmp back
+    with vmscope.Machine(mem="16M") as vm:
+        early = StartCounter(vm)
+        vm.add_pio_device(0x700, 2, early)
+        vm.add_mmio_device(0xD000_0000, 0x1000, early)  # a second window of the same device
+        vm.load(image, kind="flat", flat_address=0x100000, flat_mode=CpuMode.LONG)
+        assert early.starts == []
+        vm.start()
+        assert early.starts == [False]  # once, before the first vCPU thread
+        late = StartCounter(vm)
+        vm.add_pio_device(0x710, 1, late)
+        assert late.starts == [True]
+        vm.stop()
+    assert early.starts == [False]

@@ -99,6 +99,7 @@ class Harness:
         self.irq = RecordingInterruptLine()
         self.backend = backend if backend is not None else CaptureBackend()
         self.uart = Uart16550(self.irq, self.backend)
+        self.uart.start()  # as the machine does when it starts
 
     def rd(self, offset: int) -> int:
         data = self.uart.read(offset, 1)
@@ -754,3 +755,21 @@ def test_open_serial_backend_builds_each_kind(tmp_path: Path) -> None:
     unix_backend.close()
     with pytest.raises(ConfigError):
         open_serial_backend("serial0")
+
+
+def test_host_input_is_taken_only_once_the_uart_is_started() -> None:
+    """A restored machine loads the UART's state before it starts: input taken earlier would be
+    dropped by the state load, or raise an interrupt the restored controllers then overwrite."""
+    backend = CaptureBackend()
+    uart = Uart16550(RecordingInterruptLine(), backend)
+    assert backend.deliver is None
+    uart.load_state(uart.save_state())
+    uart.start()
+    uart.start()  # a second start changes nothing
+    assert backend.deliver is not None
+    assert backend.deliver(b"x") is True
+    assert uart.read(0, 1) == b"x"
+    closed = Uart16550(RecordingInterruptLine(), CaptureBackend())
+    closed.close()
+    closed.start()
+    assert closed.backend.deliver is None  # type: ignore[attr-defined]

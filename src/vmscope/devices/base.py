@@ -88,6 +88,14 @@ class Device(ABC):
     def reset(self) -> None:
         """Return to the power-on state (default: nothing to do)."""
 
+    def start(self) -> None:
+        """The machine is about to run its guest (or already runs, for a device added late):
+        begin asynchronous host-side work, such as reading host input (default: none).
+
+        Not earlier: a restored machine loads every device's state, then its interrupt
+        controllers and vCPUs, and input taken in between would be lost or would raise an
+        interrupt that the controllers' saved state then overwrites."""
+
     def close(self) -> None:
         """Release host resources such as files, sockets and threads (default: none)."""
 

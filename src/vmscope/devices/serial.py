@@ -114,7 +114,8 @@ _BYTE = tuple(bytes((value,)) for value in range(256))
 class Uart16550(Device):
     """A 16550A UART driving ``interrupt`` and talking to ``backend``.
 
-    The constructor starts the backend's input thread; :meth:`close` stops it.
+    :meth:`start` (called by the machine when it starts) starts the backend's input thread;
+    :meth:`close` stops it.
     """
 
     def __init__(
@@ -129,7 +130,15 @@ class Uart16550(Device):
         self._rx_room = threading.Condition(self._lock)
         self._closed = False
         self._rx: deque[int] = deque()
+        self._input_started = False
         self._power_on()
+
+    def start(self) -> None:
+        """Take host input from now on (once; the backend's reader thread delivers it)."""
+        with self._lock:
+            if self._input_started or self._closed:
+                return
+            self._input_started = True
         self.backend.start(self.deliver_input)
 
     def _power_on(self) -> None:

@@ -326,9 +326,7 @@ class Machine:
     def add_pio_device(self, base: int, length: int, device: Device) -> None:
         """Map ``device`` at I/O ports [base, base+length)."""
         self.pio_bus.register(base, length, device)
-        self._device_mappings.append(DeviceMapping("pio", base, length, device))
-        if isinstance(device, FirmwareContributor):
-            self.firmware.add(device)
+        self._device_added(DeviceMapping("pio", base, length, device))
 
     def add_mmio_device(self, base: int, length: int, device: Device) -> None:
         """Map ``device`` at guest-physical [base, base+length); it must not overlap RAM."""
@@ -339,9 +337,23 @@ class Machine:
                     f"{ram_base:#x}-{ram_base + ram_size - 1:#x}"
                 )
         self.mmio_bus.register(base, length, device)
-        self._device_mappings.append(DeviceMapping("mmio", base, length, device))
+        self._device_added(DeviceMapping("mmio", base, length, device))
+
+    def _device_added(self, mapping: DeviceMapping) -> None:
+        device = mapping.device
+        first_window = all(other.device is not device for other in self._device_mappings)
+        self._device_mappings.append(mapping)
         if isinstance(device, FirmwareContributor):
             self.firmware.add(device)
+        if first_window and self._started_at is not None:  # added to a running machine
+            device.start()
+
+    def _start_devices(self) -> None:
+        started: set[int] = set()
+        for mapping in self._device_mappings:
+            if id(mapping.device) not in started:
+                started.add(id(mapping.device))
+                mapping.device.start()
 
     def add_exit_hook(
         self,
@@ -541,6 +553,7 @@ class Machine:
                 "vmscope.vmm.runner.install_kick_handler() there first (vCPU kicks need a signal handler)"
             )
         self._started_at = time.monotonic()
+        self._start_devices()  # after every state is final: a restore loaded it before start()
         for runner in self.runners:
             runner.start()
 
