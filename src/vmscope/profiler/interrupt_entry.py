@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmscope.profiler.unwinders.base import BytesReader
+
 #: exceptions whose frame carries an error code below the return address
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _GATE = struct.Struct("<HHBBHIL")  # offset 15:0, selector, ist, type_attr, offset 31:16, 63:32, reserved
 _FRAME = struct.Struct("<QQQQQ")  # rip, cs, rflags, rsp, ss
 #: the kernel rewrites its IDT during boot: look again at least this often
 REFRESH_S = 5.0
-
-ReadGuest = Callable[[int, int], "bytes | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class InterruptEntries:
         self._read_at = 0.0
         self._targets: dict[int, int] = {}
 
-    def vector_at(self, ip: int, idt_base: int, idt_limit: int, read: ReadGuest) -> int | None:
+    def vector_at(self, ip: int, idt_base: int, idt_limit: int, read: BytesReader) -> int | None:
         """The vector whose handler starts at ``ip``, or None."""
         key = (idt_base, idt_limit)
         now = self._clock()
@@ -74,7 +74,7 @@ class InterruptEntries:
         return self._targets.get(ip)
 
     def interrupted(
-        self, ip: int, sp: int, idt_base: int, idt_limit: int, read: ReadGuest
+        self, ip: int, sp: int, idt_base: int, idt_limit: int, read: BytesReader
     ) -> InterruptedContext | None:
         """When ``ip`` is a handler's first instruction, the context the frame at ``sp`` interrupted."""
         vector = self.vector_at(ip, idt_base, idt_limit, read)

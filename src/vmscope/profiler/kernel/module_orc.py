@@ -9,12 +9,11 @@ as they lie. Their addresses are run-time ones: no KASLR slide applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmscope.errors import KernelTableError
 from vmscope.profiler.kernel.btf import Btf
-from vmscope.profiler.unwinders.base import WordReader
+from vmscope.profiler.unwinders.base import BytesReader, WordReader
 from vmscope.profiler.unwinders.orc import OrcTable
 from vmscope.symbols import KERNEL_ADDRESS_START
 
@@ -22,9 +21,6 @@ _TABLE = "module ORC"
 #: bounds the two reads of one module's table to 10 MiB (4 + 6 bytes an entry); a sane count is far below
 MAX_MODULE_ORCS = 1 << 20
 _ORC_ENTRY_SIZE = 6
-
-#: reads ``length`` bytes at a guest-virtual address; None when any page is unmapped
-BytesReader = Callable[[int, int], "bytes | None"]
 
 
 @dataclass(frozen=True, slots=True)

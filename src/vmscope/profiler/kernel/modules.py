@@ -13,13 +13,13 @@ handed to the unwinder's :class:`OrcTables` (see module_orc.py).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmscope.errors import KernelTableError
 from vmscope.profiler.kernel.btf import Btf
 from vmscope.profiler.kernel.kallsyms import Kallsyms
-from vmscope.profiler.kernel.module_orc import BytesReader, ModuleOrcLayout, read_module_orc
+from vmscope.profiler.kernel.module_orc import ModuleOrcLayout, read_module_orc
+from vmscope.profiler.unwinders.base import BytesReader, WordReader
 from vmscope.profiler.unwinders.orc import OrcTable
 from vmscope.profiler.unwinders.orc_tables import OrcTables
 from vmscope.symbols import SymbolEntry, SymbolTable
@@ -34,7 +34,6 @@ _ELF_SYMBOL = struct.Struct("<IBBHQQ")
 _STT_FUNC = 2
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 
-WordReader = Callable[[int], "int | None"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from vmscope.profiler.kernel.tasks import KERNEL_HALF, TaskNamer, WordReader
+from vmscope.profiler.kernel.tasks import KERNEL_HALF, TaskNamer
 from vmscope.profiler.model import TaskInfo
+from vmscope.profiler.unwinders.base import WordReader
 
 MSR_KERNEL_GS_BASE = 0xC000_0102
 

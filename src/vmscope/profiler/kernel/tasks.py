@@ -8,13 +8,13 @@ code is the GS base. BTF gives where ``comm``, ``pid`` and ``tgid`` sit in ``tas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmscope.errors import KernelTableError
 from vmscope.profiler.kernel.btf import Btf
 from vmscope.profiler.kernel.kallsyms import Kallsyms
 from vmscope.profiler.model import TaskInfo
+from vmscope.profiler.unwinders.base import WordReader
 
 _TABLE = "task_struct"
 KERNEL_HALF = 0xFFFF_8000_0000_0000
@@ -22,7 +22,6 @@ KERNEL_HALF = 0xFFFF_8000_0000_0000
 _PID_LIMIT = 4 * 1024 * 1024
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 
-WordReader = Callable[[int], "int | None"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 #: reads one 8-byte little-endian guest-virtual word; None when unmapped or outside RAM
 WordReader = Callable[[int], "int | None"]
+#: reads ``length`` bytes at a guest-virtual address; None when any page is unmapped
+BytesReader = Callable[[int, int], "bytes | None"]
 
 STOP_END = "end of stack"
 STOP_DEPTH = "depth limit"
