@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from vmscope.kvm import constants as c
+from vmscope.records import record_repr
 from vmscope.vmm.exit_keys import key_address, key_reason
 
 if TYPE_CHECKING:
@@ -61,12 +62,7 @@ class ExitEvent:
         self.rip = rip
         self.runner = runner
 
-    def __repr__(self) -> str:  # for hooks that print their events
-        return (
-            f"ExitEvent(vcpu={self.vcpu!r}, reason={self.reason!r}, address={self.address!r}, "
-            f"access={self.access!r}, data={self.data!r}, handling_ns={self.handling_ns!r}, "
-            f"rip={self.rip!r}, runner={self.runner!r})"
-        )
+    __repr__ = record_repr
 
 
 HookCallback = Callable[[ExitEvent], None]

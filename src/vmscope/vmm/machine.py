@@ -36,6 +36,7 @@ from vmscope.kvm.exits import RareExit, decode_rare_exit
 from vmscope.kvm.registers import GENERAL_REGISTERS, register_dict
 from vmscope.loader.base import LoadedGuest
 from vmscope.memory.guest_memory import GuestMemory, check_fits_host, parse_size
+from vmscope.records import record_repr
 from vmscope.vmm.coalescing import CoalescedWrites
 from vmscope.vmm.config import MachineConfig
 from vmscope.vmm.entry_state import apply_entry_state
@@ -89,11 +90,7 @@ class RunResult:
         self.duration_s = duration_s
         self.emulated_instructions = emulated_instructions
 
-    def __repr__(self) -> str:  # shown by tests' assertion messages and users' prints
-        return (
-            f"RunResult(exit_status={self.exit_status!r}, reason={self.reason!r}, crash={self.crash!r}, "
-            f"duration_s={self.duration_s!r}, emulated_instructions={self.emulated_instructions!r})"
-        )
+    __repr__ = record_repr
 
 
 class UnclaimedCount:
@@ -129,11 +126,7 @@ class UnclaimedCount:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def __repr__(self) -> str:
-        return (
-            f"UnclaimedCount(space={self.space!r}, address={self.address!r}, size={self.size!r}, "
-            f"is_write={self.is_write!r}, count={self.count!r})"
-        )
+    __repr__ = record_repr
 
 
 class _StopState:
@@ -165,11 +158,7 @@ class DeviceMapping:
         self.device = device
         self.extra = {} if extra is None else extra
 
-    def __repr__(self) -> str:
-        return (
-            f"DeviceMapping(bus={self.bus!r}, base={self.base!r}, length={self.length!r}, "
-            f"device={self.device!r}, extra={self.extra!r})"
-        )
+    __repr__ = record_repr
 
 
 def _to_policy_entries(entries: Sequence[s.kvm_cpuid_entry2]) -> list[cpuid_policy.CpuidEntry]:

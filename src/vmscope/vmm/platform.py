@@ -10,6 +10,7 @@ from vmscope.devices.i8042 import I8042
 from vmscope.devices.port80 import Port80
 from vmscope.devices.serial import Uart16550
 from vmscope.memory.guest_memory import HIGH_RAM_START
+from vmscope.records import record_repr
 from vmscope.vmm.machine import Machine
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -46,11 +47,7 @@ class PlatformDevices:
         self.cmos = cmos
         self.acpi_pm = acpi_pm
 
-    def __repr__(self) -> str:
-        return (
-            f"PlatformDevices(serial={self.serial!r}, debug_exit={self.debug_exit!r}, "
-            f"port80={self.port80!r}, i8042={self.i8042!r}, cmos={self.cmos!r}, acpi_pm={self.acpi_pm!r})"
-        )
+    __repr__ = record_repr
 
 
 def install_platform_devices(
